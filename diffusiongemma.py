@@ -1,0 +1,796 @@
+"""
+DiffusionGemma in one file: google/diffusiongemma-26B-A4B-it, a block-diffusion language model.
+
+One weight-tied Gemma 4 26B-A4B Mixture-of-Experts backbone runs in two modes:
+  * encode  - a causal pass that appends keys/values to the KV cache: once over the prompt
+              ("prefill") and once over every finished 256-token block ("commit");
+  * denoise - a bidirectional pass over a 256-token canvas that reads the cache and never writes it,
+              with a small self-conditioning MLP on its input. It returns fp32 logits.
+Generation is uniform-noise diffusion: the canvas starts as random vocabulary tokens (there is no
+mask token); each step samples every position, keeps the lowest-entropy ones under an entropy
+bound and re-noises the rest; the block's argmax is emitted and committed; the next block follows.
+
+Quirks of the architecture that are easy to get wrong (all checked against transformers in tests):
+  1. RMSNorm multiplies by `w`, not `1 + w` (Gemma 4, unlike Gemma 1-3); it runs in fp32 inside.
+  2. Attention scale is 1.0 (q and k are RMS-normalised per head instead); no attention softcap.
+  3. Values get a weightless RMSNorm and no RoPE.
+  4. Full-attention layers (every 6th) have head_dim 512, 2 KV heads and no v_proj: V is the raw
+     k_proj output (K=V). Their RoPE is "proportional": theta 1e6 on the first 25% of frequency
+     pairs, exponent denominator = the full head_dim; the other pairs do not rotate.
+  5. Sliding layers: head_dim 256, 8 KV heads, theta 1e4, window 1024. While denoising, a canvas
+     query sees keys with |q - k| < window ("band", Google's JAX code and vLLM); transformers'
+     eager/SDPA path instead lets every canvas query see the last window-1 cached tokens ("anchored").
+  6. Each layer has a dense MLP and 128 routed experts (top-8) side by side. The router reads the
+     raw residual: RMS(x) * scale * H^-1/2 -> softmax over all experts -> top-k -> renormalise ->
+     * per_expert_scale. Dense and expert outputs are normed separately, summed, normed again.
+  7. Every layer output is multiplied by a scalar `layer_scalar`; the encoder has its own copy.
+  8. The embedding is scaled by sqrt(H) cast to the weight dtype (53.0 in bf16, not 53.07).
+  9. The decoder input is RMS-normalised (weightless) after adding the self-conditioning signal;
+     the encoder input is the raw scaled embedding.
+ 10. The head is the tied embedding; logits are softcapped in fp32: 30 * tanh(logits / 30).
+
+References: transformers 5.23.0 `models/diffusion_gemma/` (the oracle our tests run against) and
+Google's JAX code in google-deepmind/gemma `gemma/diffusion/`.
+"""
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DiffusionGemmaError(ValueError):
+    """A problem with the user's input (checkpoint, config, prompt...). The message is one line
+    that names the problem and the fix; scripts print it instead of a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass
+class Config:
+    vocab_size: int = 262144             # tokens in the (Gemma 4) vocabulary; the head is tied to the embedding
+    hidden_size: int = 2816              # H, width of the residual stream
+    intermediate_size: int = 2112        # width of the dense MLP in every layer and of the self-conditioning MLP
+    num_hidden_layers: int = 30          # transformer layers
+    num_attention_heads: int = 16        # query heads, in every layer
+    num_key_value_heads: int = 8         # KV heads of sliding layers
+    head_dim: int = 256                  # head width of sliding layers
+    num_global_key_value_heads: int = 2  # KV heads of full layers (which have K=V and no v_proj)
+    global_head_dim: int = 512           # head width of full layers
+    num_experts: int = 128               # routed experts per layer
+    top_k_experts: int = 8               # experts each token is routed to
+    moe_intermediate_size: int = 704     # hidden width of one expert
+    sliding_window: int = 1024           # sliding layers see keys with q - k < window (|q - k| while denoising)
+    layer_types: list = None             # per layer, "sliding_attention" or "full_attention"; None: 5 sliding then 1 full
+    rope_theta: float = 10000.0          # RoPE base of sliding layers (all head dims rotate)
+    global_rope_theta: float = 1000000.0  # RoPE base of full layers
+    global_partial_rotary_factor: float = 0.25  # share of full-layer head dims that rotate ("proportional" RoPE)
+    rms_norm_eps: float = 1e-6           # epsilon inside every RMSNorm
+    final_logit_softcapping: float = 30.0  # logits = cap * tanh(logits / cap), in fp32
+    max_position_embeddings: int = 262144  # longest context the model was trained for (prompt + generated)
+    canvas_length: int = 256             # tokens denoised together: the block length of block diffusion
+    pad_token_id: int = 0                # <pad>; tokens after a stop token become pad
+    eos_token_id: int = 1                # <eos>
+    bos_token_id: int = 2                # <bos>, first token of every prompt
+    sliding_window_mode: str = "band"    # denoising on sliding layers: "band" (|q-k| < window, Google/vLLM) or "anchored" (transformers eager)
+    vision_config: dict = None           # passed through to config.json only; the vision tower is not implemented here
+    image_token_id: int = 258880         # ids of the vision tower's tokens, passed through to config.json
+    boi_token_id: int = 255999
+    eoi_token_id: int = 258882
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
+        self.layer_types = list(self.layer_types)
+        problems = []
+        if len(self.layer_types) != self.num_hidden_layers:
+            problems.append(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        if set(self.layer_types) - {SLIDING, FULL}:
+            problems.append(f"unknown layer types {sorted(set(self.layer_types) - {SLIDING, FULL})}")
+        if self.sliding_window_mode not in ("band", "anchored"):
+            problems.append(f"sliding_window_mode must be 'band' or 'anchored', not {self.sliding_window_mode!r}")
+        if self.top_k_experts > self.num_experts:
+            problems.append(f"top_k_experts {self.top_k_experts} > num_experts {self.num_experts}")
+        for heads in (self.num_key_value_heads, self.num_global_key_value_heads):
+            if self.num_attention_heads % heads:
+                problems.append(f"{self.num_attention_heads} query heads do not divide into {heads} KV heads")
+        if problems:
+            raise DiffusionGemmaError("bad config: " + "; ".join(problems))
+
+    def attn_shape(self, layer: int):
+        """(head_dim, kv_heads) of a layer."""
+        if self.layer_types[layer] == FULL:
+            return self.global_head_dim, self.num_global_key_value_heads
+        return self.head_dim, self.num_key_value_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict, **overrides):
+        """Reads a Hugging Face `config.json` (as a dict) of `DiffusionGemmaForBlockDiffusion`."""
+        t = hf.get("text_config", hf)
+        rope = t.get("rope_parameters") or {}
+        full_rope, sliding_rope = rope.get(FULL, {}), rope.get(SLIDING, {})
+        layer_types = t["layer_types"]
+        # transformers turns global_head_dim/num_global_key_value_heads into per_layer_config on save
+        full_layers = [i for i, lt in enumerate(layer_types) if lt == FULL]
+        per_layer = t.get("per_layer_config") or {}
+        full_cfg = per_layer.get(str(full_layers[0]), {}) if full_layers else {}
+        eos = t.get("eos_token_id", 1)
+        kw = dict(
+            vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+            num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+            num_key_value_heads=t["num_key_value_heads"], head_dim=t["head_dim"],
+            num_global_key_value_heads=t.get("num_global_key_value_heads",
+                                             full_cfg.get("num_key_value_heads", t["num_key_value_heads"])),
+            global_head_dim=t.get("global_head_dim", full_cfg.get("head_dim", t["head_dim"])),
+            num_experts=t["num_experts"], top_k_experts=t["top_k_experts"],
+            moe_intermediate_size=t["moe_intermediate_size"], sliding_window=t["sliding_window"],
+            layer_types=layer_types,
+            rope_theta=sliding_rope.get("rope_theta", 10000.0),
+            global_rope_theta=full_rope.get("rope_theta", 1000000.0),
+            global_partial_rotary_factor=full_rope.get("partial_rotary_factor", 0.25),
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            final_logit_softcapping=t.get("final_logit_softcapping", 30.0),
+            max_position_embeddings=t.get("max_position_embeddings", 262144),
+            canvas_length=hf.get("canvas_length", 256),
+            pad_token_id=t.get("pad_token_id", 0), bos_token_id=t.get("bos_token_id", 2),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            vision_config=hf.get("vision_config"),
+            image_token_id=hf.get("image_token_id", 258880), boi_token_id=hf.get("boi_token_id", 255999),
+            eoi_token_id=hf.get("eoi_token_id", 258882),
+        )
+        unsupported = {k: t.get(k) for k in ("attention_bias", "hidden_activation") if k in t}
+        if unsupported.get("attention_bias") or unsupported.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise DiffusionGemmaError(f"config.json asks for {unsupported}, which this implementation does not support")
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        """The `config.json` dict that transformers' DiffusionGemmaForBlockDiffusion loads."""
+        full_layers = [i for i, lt in enumerate(self.layer_types) if lt == FULL]
+        text = dict(
+            model_type="diffusion_gemma_text", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim, num_experts=self.num_experts, top_k_experts=self.top_k_experts,
+            moe_intermediate_size=self.moe_intermediate_size, sliding_window=self.sliding_window,
+            layer_types=self.layer_types, max_position_embeddings=self.max_position_embeddings,
+            per_layer_config={str(i): {"head_dim": self.global_head_dim,
+                                       "num_key_value_heads": self.num_global_key_value_heads} for i in full_layers},
+            rope_parameters={
+                SLIDING: {"rope_type": "default", "rope_theta": self.rope_theta},
+                FULL: {"rope_type": "proportional", "rope_theta": self.global_rope_theta,
+                       "partial_rotary_factor": self.global_partial_rotary_factor}},
+            rms_norm_eps=self.rms_norm_eps, final_logit_softcapping=self.final_logit_softcapping,
+            hidden_activation="gelu_pytorch_tanh", attention_bias=False, tie_word_embeddings=True,
+            use_bidirectional_attention="vision", pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id, bos_token_id=self.bos_token_id)
+        return dict(
+            architectures=["DiffusionGemmaForBlockDiffusion"], model_type="diffusion_gemma",
+            canvas_length=self.canvas_length, text_config=text, tie_word_embeddings=True,
+            vision_config=self.vision_config or TINY_VISION_CONFIG,
+            image_token_id=self.image_token_id, boi_token_id=self.boi_token_id, eoi_token_id=self.eoi_token_id)
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        if name not in PRESETS:
+            raise DiffusionGemmaError(f"unknown config preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# A one-layer vision tower config written into config.json of models without one, so that
+# transformers can build the model; the tower is never used for text.
+TINY_VISION_CONFIG = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+
+PRESETS = {
+    # the released google/diffusiongemma-26B-A4B-it text backbone: 25.25B parameters
+    "26b-a4b": dict(vision_config=dict(model_type="gemma4_vision", hidden_size=1152, intermediate_size=4304,
+                                       num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+                                       head_dim=72, patch_size=16, pooling_kernel_size=3, standardize=True)),
+    # the same shape with 6 layers: ~5.4B parameters, for memory and speed experiments
+    "26b-a4b-6l": dict(num_hidden_layers=6),
+    # small models of the same architecture (MoE, both layer types, K=V) for tests and Sudoku
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, num_global_key_value_heads=1, global_head_dim=32,
+                 num_experts=4, top_k_experts=2, moe_intermediate_size=32, sliding_window=8,
+                 layer_types=[SLIDING, SLIDING, FULL], max_position_embeddings=1024, canvas_length=16,
+                 image_token_id=511, boi_token_id=509, eoi_token_id=510),
+    "sudoku-small": dict(vocab_size=32, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_global_key_value_heads=1,
+                         global_head_dim=64, num_experts=8, top_k_experts=2, moe_intermediate_size=128,
+                         sliding_window=128, layer_types=[SLIDING, FULL, SLIDING, FULL], max_position_embeddings=512,
+                         canvas_length=96, image_token_id=31, boi_token_id=29, eoi_token_id=30),
+    "sudoku": dict(vocab_size=32, hidden_size=384, intermediate_size=768, num_hidden_layers=8,
+                   num_attention_heads=6, num_key_value_heads=3, head_dim=64, num_global_key_value_heads=1,
+                   global_head_dim=128, num_experts=16, top_k_experts=2, moe_intermediate_size=384,
+                   sliding_window=128, layer_types=[SLIDING, SLIDING, SLIDING, FULL] * 2,
+                   max_position_embeddings=512, canvas_length=96, image_token_id=31, boi_token_id=29,
+                   eoi_token_id=30),
+}
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+def rms_norm(x, weight=None, eps=1e-6):
+    """x / rms(x) * weight, computed in fp32 and cast back. Gemma 4: no `1 +` on the weight."""
+    xf = x.float()
+    xf = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        xf = xf * weight.float()
+    return xf.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_inv_freq(head_dim, theta, rotary_factor=1.0):
+    """Inverse frequencies [head_dim/2]. "Proportional" RoPE keeps the exponent's denominator at the
+    full head_dim and gives the non-rotating pairs frequency 0, so they pass through unchanged."""
+    n_rot = int(rotary_factor * head_dim // 2)
+    inv = 1.0 / theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.float) / head_dim)
+    return torch.cat([inv, torch.zeros(head_dim // 2 - n_rot)])
+
+
+def rope_cos_sin(positions, inv_freq, dtype):
+    """positions [B, T] -> cos, sin [B, T, head_dim] (rotate-half layout), in fp32 then cast."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, heads, D]; dim i pairs with dim i + D/2 (NeoX "rotate half", not interleaved)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.head_dim, self.kv_heads = cfg.attn_shape(layer)
+        self.heads = cfg.num_attention_heads
+        H, D = cfg.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(H, self.heads * D, bias=False)
+        self.k_proj = nn.Linear(H, self.kv_heads * D, bias=False)
+        # full layers have no v_proj: values are the raw k_proj output (K=V)
+        self.v_proj = nn.Linear(H, self.kv_heads * D, bias=False) if cfg.layer_types[layer] == SLIDING else None
+        self.o_proj = nn.Linear(self.heads * D, H, bias=False)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(self, x, cos, sin, ctx_k, ctx_v, mask):
+        """x [B, T, H] (normed); ctx_k, ctx_v [B, kv_heads, S, D] cached context or None; mask [B, 1, T, S+T].
+        Returns the output [B, T, H] and this pass's own k, v [B, kv_heads, T, D] (for the cache)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
+        k_raw = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        v_raw = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)              # [B, heads, T, D]
+        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)          # [B, kv, T, D]
+        v = rms_norm(v_raw, None, self.eps).transpose(1, 2)                   # weightless norm, no RoPE
+        k_all = k if ctx_k is None else torch.cat([ctx_k, k], dim=2)
+        v_all = v if ctx_v is None else torch.cat([ctx_v, v], dim=2)
+        # scale 1.0: q and k are already RMS-normalised per head
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=1.0,
+                                           enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)), k, v
+
+
+class MLP(nn.Module):
+    """Gated GELU-tanh MLP: down(gelu(gate(x)) * up(x))."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Gemma 4 router: reads the raw residual, not the normed one."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+        self.top_k, self.eps = cfg.top_k_experts, cfg.rms_norm_eps
+
+    def forward(self, x):
+        """x [N, H] -> weights [N, k] (fp32), expert ids [N, k]."""
+        z = rms_norm(x, None, self.eps) * self.scale * x.shape[-1] ** -0.5
+        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)  # over all experts
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.per_expert_scale[ids], ids
+
+
+class Experts(nn.Module):
+    """The routed experts, stored packed as in the checkpoint: gate_up_proj [E, 2I, H] (gate rows
+    first), down_proj [E, H, I]. Two ways to run them, tested equal:
+      * `loop`: one small matmul pair per expert that got tokens (plain, readable: the reference);
+      * `grouped`: sort the (token, expert) pairs by expert and run one grouped GEMM per projection
+        (torch._grouped_mm), with no host synchronisation: the fast path on GPU."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.impl = "loop"  # or "grouped"
+
+    def forward(self, x, weights, ids):
+        """x [N, H], weights/ids [N, k] -> [N, H]"""
+        return self.forward_grouped(x, weights, ids) if self.impl == "grouped" else self.forward_loop(x, weights, ids)
+
+    def forward_loop(self, x, weights, ids):
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            token, slot = torch.where(ids == e)
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
+        return out
+
+    def forward_grouped(self, x, weights, ids):
+        N, k = ids.shape
+        E = self.gate_up_proj.shape[0]
+        flat_ids = ids.reshape(-1)                                   # [N*k]
+        order = torch.argsort(flat_ids, stable=True)                 # pairs sorted by expert
+        token = order // k                                           # the token of each sorted pair
+        counts = torch.bincount(flat_ids, minlength=E)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)            # end row of each expert's group
+        xs = x[token]                                                # [N*k, H]
+        h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets)  # [N*k, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(1, 2), offs=offsets)
+        y = y * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+class Layer(nn.Module):
+    """One transformer layer; the same weights serve encoder and decoder. Names match the checkpoint."""
+
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(H, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)      # before the dense MLP
+        self.post_feedforward_layernorm_1 = RMSNorm(H, eps)   # after the dense MLP
+        self.pre_feedforward_layernorm_2 = RMSNorm(H, eps)    # before the experts
+        self.post_feedforward_layernorm_2 = RMSNorm(H, eps)   # after the experts
+        self.post_feedforward_layernorm = RMSNorm(H, eps)     # after their sum
+        self.layer_scalar = nn.Parameter(torch.ones(1))          # decoder copy
+        self.encoder_layer_scalar = nn.Parameter(torch.ones(1))  # encoder copy (checkpoint: model.encoder....layer_scalar)
+
+    def forward(self, x, cos, sin, ctx_k, ctx_v, mask, encoder: bool):
+        """x [B, T, H] -> [B, T, H], plus this pass's k, v for the cache (see Attention.forward)."""
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, mask)
+        x = x + self.post_attention_layernorm(attn)
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        weights, ids = self.router(flat)  # routed on the raw residual
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids).view_as(x)
+        x = x + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
+        return x * (self.encoder_layer_scalar if encoder else self.layer_scalar), k, v
+
+
+class SelfConditioning(MLP):
+    """The decoder's input: embedding + MLP(pre_norm(soft embedding of the previous step)), then a
+    weightless RMSNorm. With no previous step the soft embedding is 0 and so is the MLP's output."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg.hidden_size, cfg.intermediate_size)
+        self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eps = cfg.rms_norm_eps
+
+    def forward(self, x, soft):
+        """x, soft [B, C, H] -> [B, C, H]"""
+        return rms_norm(x + super().forward(self.pre_norm(soft)), None, self.eps)
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+class KVCache:
+    """Keys/values written by `encode` and read by `denoise` (which never writes). Per layer k, v
+    [B, kv_heads, S, D]; sliding layers keep only the last window-1 tokens, all that a later query
+    can see. `valid` [B, length] marks real tokens (False for left padding)."""
+
+    def __init__(self, cfg: Config, batch_size: int):
+        self.cfg = cfg
+        self.k = [None] * cfg.num_hidden_layers
+        self.v = [None] * cfg.num_hidden_layers
+        self.length = 0                 # tokens encoded so far (= the position of the next token)
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool)
+
+    def kept(self, layer):
+        """Number of most recent tokens this layer keeps."""
+        if self.cfg.layer_types[layer] == SLIDING:
+            return min(self.length, self.cfg.sliding_window - 1)
+        return self.length
+
+    def context(self, layer, device):
+        """This layer's cached k, v [B, kv, S, D] (or None), their positions [S] and validity [B, S]."""
+        S = self.kept(layer)
+        positions = torch.arange(self.length - S, self.length, device=device)
+        return self.k[layer], self.v[layer], positions, self.valid[:, self.length - S:].to(device)
+
+    def append(self, layer, k, v):
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+
+    def advance(self, valid):
+        """Called once after all layers appended T tokens; trims the sliding layers."""
+        self.valid = torch.cat([self.valid.to(valid.device), valid], dim=1)
+        self.length += valid.shape[1]
+        for i in range(self.cfg.num_hidden_layers):
+            S = self.kept(i)
+            if self.k[i] is not None and self.k[i].shape[2] > S:
+                self.k[i], self.v[i] = self.k[i][:, :, -S:], self.v[i][:, :, -S:]
+
+
+def attention_mask(q_pos, k_pos, k_valid, causal: bool, window: int | None, band: bool):
+    """Boolean mask [B, 1, Tq, Tk]: may query at q_pos [Tq] attend to key at k_pos [Tk]?
+    causal: k <= q. window (sliding layers): q - k < window when causal, |q - k| < window when band."""
+    d = q_pos[:, None] - k_pos[None, :]  # [Tq, Tk]
+    ok = torch.ones_like(d, dtype=torch.bool)
+    if causal:
+        ok &= d >= 0
+    if window is not None:
+        ok &= (d.abs() if band else d) < window
+    ok = ok[None, None] & k_valid[:, None, None, :]
+    # every token may see itself, so a padding query has one finite key (its output is never used)
+    return ok | (d == 0)[None, None]
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class DiffusionGemma(nn.Module):
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg)
+        self._inv_freq = {}  # device -> {layer type: fp32 inverse frequencies}; kept out of .to(dtype)
+
+    # --- pieces shared by both modes
+
+    def embed(self, ids):
+        """ids [B, T] -> [B, T, H]; sqrt(H) is cast to the weight dtype first (53.0 in bf16)."""
+        scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=self.embed_tokens.weight.dtype)
+        return self.embed_tokens(ids) * scale.to(ids.device)
+
+    def head(self, h):
+        """final hidden states (normed) [..., H] -> fp32 softcapped logits [..., V] (tied embedding)."""
+        cap = self.cfg.final_logit_softcapping
+        return cap * torch.tanh(F.linear(h, self.embed_tokens.weight).float() / cap)
+
+    def rope(self, positions, dtype):
+        """positions [B, T] -> {layer type: (cos, sin)}"""
+        dev, cfg = positions.device, self.cfg
+        if dev not in self._inv_freq:
+            self._inv_freq[dev] = {
+                SLIDING: rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(dev),
+                FULL: rope_inv_freq(cfg.global_head_dim, cfg.global_rope_theta, cfg.global_partial_rotary_factor).to(dev)}
+        return {kind: rope_cos_sin(positions, inv, dtype) for kind, inv in self._inv_freq[dev].items()}
+
+    def run_layers(self, x, positions, cache: KVCache, valid, encoder: bool):
+        """Runs every layer over x [B, T, H] at positions [T] against the cache. The encoder attends
+        causally and appends the new keys/values; the decoder attends bidirectionally and discards them."""
+        B, T, _ = x.shape
+        rope = self.rope(positions[None].expand(B, T), x.dtype)
+        band = self.cfg.sliding_window_mode == "band"
+        for i, layer in enumerate(self.layers):
+            kind = self.cfg.layer_types[i]
+            cos, sin = rope[kind]
+            ctx_k, ctx_v, ctx_pos, ctx_valid = cache.context(i, x.device)
+            window = self.cfg.sliding_window if kind == SLIDING else None
+            if not encoder and not band:
+                window = None  # "anchored": every canvas query sees the whole cached tail and the canvas
+            mask = attention_mask(positions, torch.cat([ctx_pos, positions]), torch.cat([ctx_valid, valid], 1),
+                                  causal=encoder, window=window, band=not encoder)
+            x, k, v = layer(x, cos, sin, ctx_k, ctx_v, mask, encoder)
+            if encoder:
+                cache.append(i, k, v)
+        if encoder:
+            cache.advance(valid)
+        return self.norm(x)
+
+    # --- the two modes
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        return KVCache(self.cfg, batch_size)
+
+    def encode(self, ids, cache: KVCache, valid=None):
+        """Causal pass over ids [B, T] at positions cache.length.. ; appends to the cache.
+        valid [B, T] bool marks real tokens (False = left padding). Returns final normed hidden [B, T, H]."""
+        if valid is None:
+            valid = torch.ones_like(ids, dtype=torch.bool)
+        positions = torch.arange(cache.length, cache.length + ids.shape[1], device=ids.device)
+        return self.run_layers(self.embed(ids), positions, cache, valid, encoder=True)
+
+    def soft_embedding(self, sc_logits):
+        """Self-conditioning signal: softmax(previous step's scaled logits) @ E * sqrt(H).
+        sc_logits [B, C, V] -> [B, C, H]; softmax in fp32, the product in the weight dtype."""
+        E = self.embed_tokens.weight
+        probs = F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(E.dtype)
+        scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=E.dtype, device=E.device)
+        return (probs @ E) * scale
+
+    def denoise(self, canvas, cache: KVCache, sc_logits=None, sc_mask=None):
+        """Bidirectional pass over canvas [B, C] at positions cache.length.. ; reads the cache only.
+        sc_logits [B, C, V]: the previous step's temperature-scaled logits (None on the first step).
+        sc_mask [B] bool: rows whose self-conditioning is zeroed (training). Returns fp32 logits [B, C, V]."""
+        x = self.embed(canvas)
+        soft = torch.zeros_like(x) if sc_logits is None else self.soft_embedding(sc_logits)
+        if sc_mask is not None:
+            soft = soft * sc_mask.to(soft.dtype)[:, None, None]
+        x = self.self_conditioning(x, soft)
+        positions = torch.arange(cache.length, cache.length + canvas.shape[1], device=canvas.device)
+        valid = torch.ones_like(canvas, dtype=torch.bool)
+        return self.head(self.run_layers(x, positions, cache, valid, encoder=False))
+
+    def forward(self, input_ids, canvas, self_conditioning_logits=None):
+        """Encodes input_ids [B, T] into a fresh cache, then denoises canvas [B, C] against it.
+        Returns the decoder's logits [B, C, V] (transformers: model(input_ids, decoder_input_ids, ...))."""
+        cache = self.new_cache(input_ids.shape[0])
+        self.encode(input_ids, cache)
+        return self.denoise(canvas, cache, self_conditioning_logits)
+
+    # --- weights
+
+    def init_weights(self, std=0.02, generator=None):
+        """Random init (for training from scratch and tests): normal(std) matrices, unit norms/scales."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=std, generator=generator)
+            else:
+                nn.init.ones_(p)
+        return self
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def set_experts_impl(self, impl: str):
+        if impl not in ("loop", "grouped"):
+            raise DiffusionGemmaError(f"unknown experts implementation {impl!r}; use 'loop' or 'grouped'")
+        for layer in self.layers:
+            layer.experts.impl = impl
+        return self
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, **config_overrides):
+        """Loads a Hugging Face DiffusionGemma checkpoint folder (model.safetensors, or shards with
+        model.safetensors.index.json). Builds on the meta device, then reads shard by shard straight
+        to the target device and dtype, so the weights are never held twice."""
+        return load_checkpoint(cls, path, device, dtype, **config_overrides)
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 10**9):
+        """Writes config.json and safetensors shards (<= 5 GB each, plus an index when sharded) in the
+        Hugging Face layout, atomically: everything goes to a temporary folder that is renamed at the end."""
+        save_checkpoint(self, path, max_shard_bytes)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint I/O (Hugging Face layout)
+
+DECODER, ENCODER = "model.decoder.", "model.encoder.language_model."
+SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+
+
+def hf_name(ours: str) -> str:
+    """Our parameter name -> the checkpoint's: the decoder prefix, except for the encoder's copy of
+    layer_scalar, which lives under the encoder's prefix."""
+    m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", ours)
+    if m:
+        return f"{ENCODER}layers.{m.group(1)}.layer_scalar"
+    return DECODER + ours
+
+
+def checkpoint_files(path):
+    """The safetensors files of a checkpoint folder, with one clear error if there are none."""
+    from safetensors import safe_open  # noqa: F401  (imported here to keep the module import light)
+    if not os.path.isdir(path):
+        raise DiffusionGemmaError(f"checkpoint folder {path!r} does not exist; pass a Hugging Face DiffusionGemma folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise DiffusionGemmaError(f"{path!r} has no config.json; it is not a Hugging Face checkpoint folder")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            shards = sorted(set(json.load(open(index))["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise DiffusionGemmaError(f"{index} is malformed ({e}); re-download or re-save the checkpoint")
+        files = [os.path.join(path, s) for s in shards]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise DiffusionGemmaError(f"shard {os.path.basename(missing[0])} listed in the index is missing from {path!r}")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise DiffusionGemmaError(f"{path!r} has no model.safetensors or model.safetensors.index.json")
+    return [single]
+
+
+def load_checkpoint(cls, path, device=None, dtype=None, **config_overrides):
+    from safetensors import safe_open
+    files = checkpoint_files(path)
+    try:
+        hf_cfg = json.load(open(os.path.join(path, "config.json")))
+        cfg = Config.from_hf(hf_cfg, **config_overrides)
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(e, DiffusionGemmaError):
+            raise
+        raise DiffusionGemmaError(f"{path}/config.json is malformed or not a DiffusionGemma config ({type(e).__name__}: {e})")
+    device = torch.device(resolve_device(device))
+    with torch.device("meta"):
+        model = cls(cfg)
+    expected = {hf_name(n): (n, p) for n, p in model.named_parameters()}
+    if dtype is None:  # the checkpoint's own dtype
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            hf_cfg.get("dtype", hf_cfg.get("torch_dtype")), torch.float32)
+    dtype = resolve_dtype(dtype)
+    model.to(dtype).to_empty(device=device)  # one uninitialised copy, in the target dtype
+    params = dict(model.named_parameters())
+    seen, skipped = set(), 0
+    for f in files:
+        try:
+            handle = safe_open(f, "pt", device="cpu")
+        except Exception as e:
+            raise DiffusionGemmaError(f"cannot read {f} as safetensors ({e}); the file is corrupt or truncated")
+        with handle:
+            for key in handle.keys():
+                if key.startswith(SKIPPED_PREFIXES):
+                    skipped += 1
+                    continue
+                if key not in expected:
+                    raise DiffusionGemmaError(f"unexpected tensor {key!r} in {os.path.basename(f)}: the checkpoint "
+                                              f"does not match this DiffusionGemma config")
+                name, _ = expected[key]
+                shape = tuple(handle.get_slice(key).get_shape())
+                if shape != tuple(params[name].shape):
+                    raise DiffusionGemmaError(f"tensor {key!r} has shape {list(shape)} but config.json implies "
+                                              f"{list(params[name].shape)}: config.json does not match the weights")
+                with torch.no_grad():
+                    params[name].copy_(handle.get_tensor(key))  # one tensor at a time, straight to the device
+                seen.add(key)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise DiffusionGemmaError(f"{len(missing)} tensors missing from {path!r}, e.g. {missing[0]!r}: "
+                                  f"the checkpoint is incomplete or for another config")
+    if skipped:
+        print(f"skipped {skipped} vision-tower tensors (this implementation is text-only)")
+    return model.eval()
+
+
+def atomic_write(path, write_fn, mode="w"):
+    """Writes a file through a temporary file in the same folder and os.replace: all or nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(model, path, max_shard_bytes=5 * 10**9, extra_files=None):
+    """config.json + model.safetensors (or shards + index), written into a temporary sibling folder
+    that replaces `path` only when complete. extra_files: {name: str contents} (tokenizer.json...)."""
+    from safetensors.torch import save_file
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path))
+    try:
+        tensors = {hf_name(n): p.detach().contiguous() for n, p in model.named_parameters()}
+        dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+        shards, current, size = [], {}, 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name], size = t, size + nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file({k: v.cpu() for k, v in shards[0].items()}, os.path.join(tmp, "model.safetensors"),
+                      metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file({k: v.cpu() for k, v in shard.items()}, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({**model.cfg.to_hf(), "dtype": dtype_name}, f, indent=2)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+        if os.path.isdir(path):  # swap: old folder aside, new one in, old one removed
+            old = tempfile.mkdtemp(dir=parent, prefix=".old-" + os.path.basename(path))
+            os.replace(path, os.path.join(old, "x"))
+            os.replace(tmp, path)
+            import shutil
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# Devices and dtypes
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device=None) -> str:
+    """None/"auto" -> cuda, then mps, then cpu. Unknown or unavailable devices get one clear error."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    base = device.split(":")[0]
+    if base not in ("cpu", "cuda", "mps"):
+        raise DiffusionGemmaError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise DiffusionGemmaError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+    if base == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DiffusionGemmaError(f"device {device!r} asked for but MPS is not available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise DiffusionGemmaError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]

@@ -1,0 +1,345 @@
+"""Tests for diffusiongemma. Run: python -m pytest -q test_diffusiongemma.py
+
+transformers (5.23.0) is the oracle for the parity tests; they skip with a reason when it is absent.
+Tests marked `slow` are skipped unless RUN_SLOW=1."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import diffusiongemma as dg
+from diffusiongemma import Config, DiffusionGemma, DiffusionGemmaError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+try:
+    import transformers
+    from transformers import DiffusionGemmaForBlockDiffusion, DiffusionGemmaConfig
+    HAVE_HF = True
+except Exception:  # noqa: BLE001 - any import problem means "no oracle"
+    HAVE_HF = False
+needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers>=5.23 (the test oracle) is not installed")
+
+
+def rel_err(a, b):
+    """max abs difference / max abs reference value"""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def tiny_config(**kw):
+    return Config.preset("tiny", **kw)
+
+
+def randomise_(model, seed=0):
+    """Random weights where a missing term would show: norms, router scales and both layer_scalar
+    copies are drawn away from 1 (and the two layer_scalar copies differ)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+            elif name.endswith("layer_scalar"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return model
+
+
+def hf_model(path, attn="eager"):
+    m = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random DiffusionGemma written by our save_pretrained."""
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
+    model = randomise_(DiffusionGemma(tiny_config()), seed=1)
+    model.save_pretrained(path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Parity with transformers
+
+@needs_hf
+@pytest.mark.parametrize("prompt_len", [5, 20])  # inside and beyond the sliding window of 8
+def test_two_denoise_steps_match_transformers(tiny_ckpt, prompt_len):
+    ours = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32,
+                                          sliding_window_mode="anchored")
+    ref = hf_model(tiny_ckpt)
+    g = torch.Generator().manual_seed(prompt_len)
+    prompt = torch.randint(3, 500, (2, prompt_len), generator=g)
+    canvas = torch.randint(0, 512, (2, 16), generator=g)
+    canvas2 = torch.randint(0, 512, (2, 16), generator=g)
+    with torch.no_grad():
+        out = ref(input_ids=prompt, decoder_input_ids=canvas)
+        out2 = ref(past_key_values=out.past_key_values, decoder_input_ids=canvas2,
+                   self_conditioning_logits=out.logits / 0.7)
+        cache = ours.new_cache(2)
+        ours.encode(prompt, cache)
+        l1 = ours.denoise(canvas, cache)
+        l2 = ours.denoise(canvas2, cache, l1 / 0.7)
+    assert rel_err(l1, out.logits) < 1e-4
+    assert rel_err(l2, out2.logits) < 1e-4
+    # the forward() contract is transformers' model(input_ids, decoder_input_ids, self_conditioning_logits)
+    with torch.no_grad():
+        assert rel_err(ours(prompt, canvas2, l1 / 0.7), out2.logits) < 1e-4
+
+
+@needs_hf
+def test_band_and_anchored_modes():
+    """The two sliding-window geometries agree when the window covers context + canvas, and differ
+    when it does not (so the switch is real)."""
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 500, (1, 20), generator=g)
+    canvas = torch.randint(0, 512, (1, 16), generator=g)
+    logits = {}
+    for window in (8, 64):
+        for mode in ("band", "anchored"):
+            model = randomise_(DiffusionGemma(tiny_config(sliding_window=window, sliding_window_mode=mode)), seed=5)
+            with torch.no_grad():
+                logits[window, mode] = model(prompt, canvas)
+    assert not torch.allclose(logits[8, "band"], logits[8, "anchored"], atol=1e-3)
+    assert torch.allclose(logits[64, "band"], logits[64, "anchored"], atol=1e-6)
+
+
+@needs_hf
+def test_band_mode_matches_transformers_flash_geometry(tiny_ckpt):
+    """Band mode equals transformers run with an explicit per-query band mask |q-k| < window,
+    the geometry its flash-attention path (and Google's JAX code) uses."""
+    ours = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu", sliding_window_mode="band")
+    ref = hf_model(tiny_ckpt, attn="sdpa")
+    from transformers import DynamicCache
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 500, (1, 20), generator=g)
+    canvas = torch.randint(0, 512, (1, 16), generator=g)
+    W, L, C = 8, 20, 16
+    with torch.no_grad():
+        # transformers' full-length cache (no sliding trim) + our own band masks, as 4D float masks
+        cache = DynamicCache()
+        ref.model.encoder(input_ids=prompt, past_key_values=cache)
+        q = torch.arange(L, L + C)
+        k = torch.arange(0, L + C)
+        d = q[:, None] - k[None]
+        band = torch.where(d.abs() < W, 0.0, float("-inf"))[None, None]
+        full = torch.zeros(1, 1, C, L + C)
+        out = ref(past_key_values=cache, decoder_input_ids=canvas,
+                  decoder_attention_mask={"sliding_attention": band, "full_attention": full})
+        assert rel_err(ours(prompt, canvas), out.logits) < 1e-4
+
+
+@needs_hf
+def test_commit_then_next_block_matches_transformers(tiny_ckpt):
+    """Prefill, commit one block through the encoder, denoise the next block at continued positions."""
+    ours = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu", sliding_window_mode="anchored")
+    ref = hf_model(tiny_ckpt)
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(3, 500, (1, 6), generator=g)
+    block1 = torch.randint(3, 500, (1, 16), generator=g)
+    canvas = torch.randint(0, 512, (1, 16), generator=g)
+    with torch.no_grad():
+        out = ref(input_ids=prompt, decoder_input_ids=canvas)
+        ref.model.encoder(input_ids=block1, past_key_values=out.past_key_values)  # the commit
+        out2 = ref(past_key_values=out.past_key_values, decoder_input_ids=canvas)
+        cache = ours.new_cache(1)
+        ours.encode(prompt, cache)
+        ours.encode(block1, cache)
+        assert cache.length == 22
+        mine = ours.denoise(canvas, cache)
+    assert rel_err(mine, out2.logits) < 1e-4
+
+
+@needs_hf
+def test_hf_checkpoint_loads_and_ours_loads_in_hf(tmp_path):
+    """transformers -> disk -> ours, and ours -> disk -> transformers, same logits."""
+    hf_cfg = Config.preset("tiny").to_hf()
+    ref = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig.from_dict(hf_cfg)).eval()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # randomise the norms and scales transformers initialises to ones
+        for name, p in ref.named_parameters():
+            if p.dim() == 1:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+        for i, layer in enumerate(ref.model.decoder.layers):
+            layer.layer_scalar.fill_(0.6 + 0.1 * i)
+        for i, layer in enumerate(ref.model.encoder.language_model.layers):
+            layer.layer_scalar.fill_(1.3 - 0.1 * i)
+    ref.save_pretrained(tmp_path / "hf")
+    ours = DiffusionGemma.from_pretrained(str(tmp_path / "hf"), sliding_window_mode="anchored")
+    assert ours.layers[0].encoder_layer_scalar.item() == pytest.approx(1.3)
+    assert ours.layers[1].layer_scalar.item() == pytest.approx(0.7)
+    prompt = torch.randint(3, 500, (1, 12), generator=g)
+    canvas = torch.randint(0, 512, (1, 16), generator=g)
+    with torch.no_grad():
+        expected = ref(input_ids=prompt, decoder_input_ids=canvas).logits
+        assert rel_err(ours(prompt, canvas), expected) < 1e-4
+        ours.save_pretrained(str(tmp_path / "ours"))
+        back = hf_model(str(tmp_path / "ours"))
+        assert rel_err(back(input_ids=prompt, decoder_input_ids=canvas).logits, expected) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# The model on its own
+
+def test_grouped_experts_match_loop():
+    """The grouped-GEMM fast path computes what the per-expert loop computes (fp32 and bf16)."""
+    cfg = tiny_config(num_experts=8, top_k_experts=3)
+    model = randomise_(DiffusionGemma(cfg), seed=2)
+    experts, router = model.layers[0].experts, model.layers[0].router
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, cfg.hidden_size, generator=g)
+    w, ids = router(x)
+    ref = experts.forward_loop(x, w, ids)
+    assert rel_err(experts.forward_grouped(x, w, ids), ref) < 1e-5
+    eb = experts.to(torch.bfloat16)
+    xb = x.bfloat16()
+    assert rel_err(eb.forward_grouped(xb, w, ids).float(), eb.forward_loop(xb, w, ids).float()) < 2e-2
+    # the whole model: same logits either way
+    model.float()
+    prompt = torch.randint(3, 500, (2, 9), generator=g)
+    canvas = torch.randint(0, 512, (2, 16), generator=g)
+    with torch.no_grad():
+        a = model.set_experts_impl("loop")(prompt, canvas)
+        b = model.set_experts_impl("grouped")(prompt, canvas)
+    assert rel_err(b, a) < 1e-5
+
+
+def test_26b_preset_shape_and_parameter_count():
+    """Built on the meta device: 25.25B text parameters and the real checkpoint's names and shapes."""
+    with torch.device("meta"):
+        model = DiffusionGemma(Config.preset("26b-a4b"))
+    n = model.num_params()
+    assert round(n / 1e9, 2) == 25.25
+    shapes = {dg.hf_name(k): tuple(v.shape) for k, v in model.named_parameters()}
+    assert len([k for k in shapes if k.startswith("model.decoder.")]) == 661
+    assert len([k for k in shapes if k.startswith("model.encoder.")]) == 30
+    expect = {
+        "model.decoder.embed_tokens.weight": (262144, 2816),
+        "model.decoder.norm.weight": (2816,),
+        "model.decoder.layers.0.self_attn.q_proj.weight": (4096, 2816),
+        "model.decoder.layers.0.self_attn.k_proj.weight": (2048, 2816),
+        "model.decoder.layers.0.self_attn.v_proj.weight": (2048, 2816),
+        "model.decoder.layers.0.self_attn.o_proj.weight": (2816, 4096),
+        "model.decoder.layers.0.self_attn.q_norm.weight": (256,),
+        "model.decoder.layers.5.self_attn.q_proj.weight": (8192, 2816),
+        "model.decoder.layers.5.self_attn.k_proj.weight": (1024, 2816),
+        "model.decoder.layers.5.self_attn.o_proj.weight": (2816, 8192),
+        "model.decoder.layers.5.self_attn.k_norm.weight": (512,),
+        "model.decoder.layers.3.mlp.gate_proj.weight": (2112, 2816),
+        "model.decoder.layers.3.mlp.down_proj.weight": (2816, 2112),
+        "model.decoder.layers.3.router.proj.weight": (128, 2816),
+        "model.decoder.layers.3.router.scale": (2816,),
+        "model.decoder.layers.3.router.per_expert_scale": (128,),
+        "model.decoder.layers.3.experts.gate_up_proj": (128, 1408, 2816),
+        "model.decoder.layers.3.experts.down_proj": (128, 2816, 704),
+        "model.decoder.layers.3.pre_feedforward_layernorm_2.weight": (2816,),
+        "model.decoder.layers.29.layer_scalar": (1,),
+        "model.encoder.language_model.layers.29.layer_scalar": (1,),
+        "model.decoder.self_conditioning.pre_norm.weight": (2816,),
+        "model.decoder.self_conditioning.gate_proj.weight": (2112, 2816),
+        "model.decoder.self_conditioning.down_proj.weight": (2816, 2112),
+    }
+    for k, shape in expect.items():
+        assert shapes[k] == shape, k
+    assert "model.decoder.layers.5.self_attn.v_proj.weight" not in shapes
+    assert [i for i, t in enumerate(model.cfg.layer_types) if t == dg.FULL] == [5, 11, 17, 23, 29]
+
+
+def test_config_round_trips_through_hf_dict():
+    cfg = Config.preset("26b-a4b")
+    back = Config.from_hf(json.loads(json.dumps(cfg.to_hf())))
+    assert back == cfg
+
+
+def test_bf16_embedding_scale_is_53():
+    model = DiffusionGemma(Config.preset("tiny", hidden_size=2816, intermediate_size=8, moe_intermediate_size=8,
+                                         vocab_size=16)).bfloat16()
+    with torch.no_grad():
+        model.embed_tokens.weight.fill_(1.0)
+    assert model.embed(torch.tensor([[3]])).float().flatten()[0].item() == 53.0
+
+
+def test_save_is_sharded_and_reloads(tmp_path):
+    model = randomise_(DiffusionGemma(tiny_config()), seed=4)
+    model.save_pretrained(str(tmp_path / "m"), max_shard_bytes=200_000)
+    files = sorted(os.listdir(tmp_path / "m"))
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
+    back = DiffusionGemma.from_pretrained(str(tmp_path / "m"))
+    for (n, a), (_, b) in zip(model.named_parameters(), back.named_parameters()):
+        assert torch.equal(a, b), n
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+# -----------------------------------------------------------------------------
+# Bad checkpoints: one clear error each
+
+def _copy_ckpt(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _rewrite_tensors(path, fn):
+    from safetensors.torch import load_file, save_file
+    f = os.path.join(path, "model.safetensors")
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def test_bad_checkpoints(tiny_ckpt, tmp_path):
+    with pytest.raises(DiffusionGemmaError, match="does not exist"):
+        DiffusionGemma.from_pretrained(str(tmp_path / "nowhere"))
+
+    p = _copy_ckpt(tiny_ckpt, tmp_path / "noconfig")
+    os.remove(os.path.join(p, "config.json"))
+    with pytest.raises(DiffusionGemmaError, match="no config.json"):
+        DiffusionGemma.from_pretrained(p)
+
+    p = _copy_ckpt(tiny_ckpt, tmp_path / "missing")
+    _rewrite_tensors(p, lambda t: t.pop("model.decoder.layers.1.router.scale"))
+    with pytest.raises(DiffusionGemmaError, match="missing .*router.scale"):
+        DiffusionGemma.from_pretrained(p)
+
+    p = _copy_ckpt(tiny_ckpt, tmp_path / "extra")
+    _rewrite_tensors(p, lambda t: t.update({"model.decoder.layers.2.self_attn.v_proj.weight": torch.zeros(32, 64)}))
+    with pytest.raises(DiffusionGemmaError, match="unexpected tensor .*layers.2.self_attn.v_proj"):
+        DiffusionGemma.from_pretrained(p)
+
+    p = _copy_ckpt(tiny_ckpt, tmp_path / "shape")
+    _rewrite_tensors(p, lambda t: t.update({"model.decoder.norm.weight": torch.ones(65)}))
+    with pytest.raises(DiffusionGemmaError, match=r"norm.weight.*shape \[65\]"):
+        DiffusionGemma.from_pretrained(p)
+
+    p = _copy_ckpt(tiny_ckpt, tmp_path / "mismatch")
+    cfg = json.load(open(os.path.join(p, "config.json")))
+    cfg["text_config"]["num_experts"] = 8
+    json.dump(cfg, open(os.path.join(p, "config.json"), "w"))
+    with pytest.raises(DiffusionGemmaError, match="does not match the weights"):
+        DiffusionGemma.from_pretrained(p)
+
+    p = _copy_ckpt(tiny_ckpt, tmp_path / "badjson")
+    open(os.path.join(p, "config.json"), "w").write("{not json")
+    with pytest.raises(DiffusionGemmaError, match="config.json is malformed"):
+        DiffusionGemma.from_pretrained(p)
+
+    p = _copy_ckpt(tiny_ckpt, tmp_path / "truncated")
+    f = os.path.join(p, "model.safetensors")
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[: len(data) // 2])
+    with pytest.raises(DiffusionGemmaError, match="corrupt or truncated"):
+        DiffusionGemma.from_pretrained(p)
+
+
+def test_bad_device_and_dtype():
+    with pytest.raises(DiffusionGemmaError, match="unknown device"):
+        dg.resolve_device("tpu")
+    with pytest.raises(DiffusionGemmaError, match="unknown dtype"):
+        dg.resolve_dtype("float8")
+    with pytest.raises(DiffusionGemmaError, match="unknown config preset"):
+        Config.preset("huge")
