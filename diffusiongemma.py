@@ -794,3 +794,257 @@ def resolve_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise DiffusionGemmaError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+# -----------------------------------------------------------------------------
+# Generation: the entropy-bound sampler and the block-autoregressive loop
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256          # tokens to generate: ceil(max_new_tokens / canvas_length) blocks at most
+    max_denoising_steps: int = 48      # denoising steps per block at most
+    entropy_bound: float = 0.1         # accept the lowest-entropy positions while the entropies before them sum <= this (nats)
+    t_max: float = 0.8                 # temperature at the first step ...
+    t_min: float = 0.4                 # ... annealed linearly towards this one
+    stability_threshold: int = 1       # stop a block when the argmax equals the previous `stability_threshold` argmaxes ...
+    confidence_threshold: float = 0.005  # ... and the mean entropy is below this (0 turns adaptive stopping off)
+    eos_token_id: list = field(default_factory=lambda: [1, 106, 50])  # <eos>, <turn|>, <|tool_response>
+    pad_token_id: int = 0              # replaces every token after the first stop token
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        problems = []
+        if self.max_denoising_steps < 1:
+            problems.append(f"max_denoising_steps must be >= 1 (got {self.max_denoising_steps})")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if not self.entropy_bound >= 0:
+            problems.append(f"entropy_bound must be >= 0 (got {self.entropy_bound})")
+        if not 0 < self.t_min <= self.t_max:
+            problems.append(f"temperatures need 0 < t_min <= t_max (got t_min {self.t_min}, t_max {self.t_max})")
+        if self.stability_threshold < 0 or self.confidence_threshold < 0:
+            problems.append("stability_threshold and confidence_threshold must be >= 0")
+        if problems:
+            raise DiffusionGemmaError("bad generation settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """The checkpoint's generation_config.json (if any) over our defaults, then overrides."""
+        kw = {}
+        f = os.path.join(path, "generation_config.json") if path else None
+        if f and os.path.isfile(f):
+            hf = json.load(open(f))
+            names = {fl.name for fl in fields(cls)}
+            kw = {k: v for k, v in hf.items() if k in names and v is not None}
+            if isinstance(hf.get("sampler_config"), dict) and "entropy_bound" in hf["sampler_config"]:
+                kw["entropy_bound"] = hf["sampler_config"]["entropy_bound"]
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+
+def temperature(step: int, steps: int, t_min: float, t_max: float) -> float:
+    """Linear schedule over the remaining steps: t_max at step 0, t_min + (t_max - t_min)/steps at the last."""
+    return t_min + (t_max - t_min) * (steps - step) / steps
+
+
+def entropy(logits):
+    """Entropy in nats of softmax(logits) [..., V] -> [...], in fp32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy_bound_accept(ent, bound: float):
+    """ent [B, C] -> bool [B, C]. Sort each row ascending and accept a position while the sum of the
+    entropies *before* it is <= bound (Ben-Hamu et al., arXiv 2505.24857): at least one per row."""
+    sorted_ent, order = torch.sort(ent, dim=-1)
+    accept_sorted = torch.cumsum(sorted_ent, dim=-1) - sorted_ent <= bound
+    return torch.zeros_like(accept_sorted).scatter(-1, order, accept_sorted)
+
+
+def uniform_tokens(shape, vocab_size, generator, device):
+    """Uniform random token ids over the whole vocabulary: the diffusion noise (there is no mask token)."""
+    return torch.randint(0, vocab_size, shape, generator=generator, device=device)
+
+
+def renoise(sample, accept, noise):
+    """Keep the accepted samples, replace every other position by fresh noise."""
+    return torch.where(accept, sample, noise)
+
+
+def is_stable(argmax, history):
+    """argmax [B, C]; history [S, B, C] of the previous S argmaxes (-1 where there was none yet, so
+    the earliest stop is the second step) -> bool [B]."""
+    return (history == argmax[None]).all(-1).all(0)
+
+
+def push_history(history, argmax):
+    """Drops the oldest argmax and appends the newest (a history of length 0 stays empty)."""
+    if history.shape[0] == 0:
+        return history
+    return torch.cat([history[1:], argmax[None]], dim=0)
+
+
+def truncate_after_stop(tokens, stop_ids, pad_id):
+    """tokens [B, T] -> (tokens with everything after the first stop token set to pad, stopped [B])."""
+    is_stop = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
+    seen = torch.cumsum(is_stop.int(), dim=-1)
+    after = (seen > 1) | ((seen == 1) & ~is_stop)
+    return tokens.masked_fill(after, pad_id), is_stop.any(-1)
+
+
+def left_pad(prompts, pad_id, device):
+    """list of token-id lists -> ids [B, T] (left padded), valid [B, T]."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise DiffusionGemmaError("empty prompt: give at least one token")
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        valid[i, T - len(p):] = True
+    return ids.to(device), valid.to(device)
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor        # [B, new] generated ids, pad after the first stop token
+    steps: list                 # per block, the denoising steps run (the loop's count)
+    forwards: list              # per row, decoder forward passes that row needed
+    new_tokens: list            # per row, tokens up to and including the first stop token
+    seconds: float              # wall time of the whole call
+    prefill_seconds: float = 0.0  # of which the prompt's encoder pass
+
+    @property
+    def tokens_per_forward(self):
+        return sum(self.new_tokens) / max(1, sum(self.forwards))
+
+    @property
+    def tokens_per_second(self):
+        return sum(self.new_tokens) / self.seconds
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, generator=None, on_step=None):
+    """Block-diffusion generation. prompts: a list of token-id lists (left padded into a batch) or a
+    LongTensor [B, T]. One generator feeds every random draw (initial canvas, samples, re-noise),
+    so a seeded generator reproduces the output exactly; draws follow transformers' order.
+    on_step(block, step, canvas, argmax) is called after every denoising step."""
+    gen = gen or GenerationConfig()
+    cfg, device = model.cfg, model.embed_tokens.weight.device
+    ids, valid = (prompts, torch.ones_like(prompts, dtype=torch.bool)) if torch.is_tensor(prompts) \
+        else left_pad(prompts, cfg.pad_token_id, device)
+    B, C, V = ids.shape[0], cfg.canvas_length, cfg.vocab_size
+    n_blocks = math.ceil(gen.max_new_tokens / C)
+    if ids.shape[1] + n_blocks * C > cfg.max_position_embeddings:
+        raise DiffusionGemmaError(f"prompt of {ids.shape[1]} tokens + {n_blocks * C} new tokens exceeds the context "
+                                  f"of {cfg.max_position_embeddings}; shorten the prompt or lower max_new_tokens")
+    sync(device)
+    t0 = time.perf_counter()
+    cache = model.new_cache(B)
+    model.encode(ids, cache, valid)  # prefill
+    sync(device)
+    prefill = time.perf_counter() - t0
+    out, steps = [], []
+    forwards = torch.zeros(B, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # rows that emitted a stop token
+    for block in range(n_blocks):
+        if block > 0:
+            model.encode(out[-1], cache)  # commit the previous block at its own positions
+        canvas, argmax, sc, history, done, n = denoise_block(model, cache, gen, generator, finished, forwards,
+                                                             on_step, block)
+        steps.append(n)
+        tokens, stopped = truncate_after_stop(argmax, gen.eos_token_id, gen.pad_token_id)
+        tokens[finished] = gen.pad_token_id  # rows that finished in an earlier block
+        out.append(tokens)
+        finished |= stopped
+        if finished.all():
+            break
+    sync(device)
+    tokens = torch.cat(out, dim=1)
+    is_stop = torch.isin(tokens, torch.tensor(gen.eos_token_id, device=device))
+    # tokens up to and including the first stop token (all of them when there is none)
+    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, tokens.shape[1])
+    return GenerationResult(tokens=tokens, steps=steps, forwards=forwards.tolist(), new_tokens=first_stop.tolist(),
+                            seconds=time.perf_counter() - t0, prefill_seconds=prefill)
+
+
+def denoise_block(model, cache, gen, generator, finished, forwards, on_step=None, block=0):
+    """Denoises one canvas against the cache. Rows that stop (or finished earlier) are frozen and
+    never change the others. Returns (canvas, argmax, sc_logits, history, done, steps run)."""
+    cfg, device = model.cfg, cache.valid.device
+    B, C, V = finished.shape[0], cfg.canvas_length, cfg.vocab_size
+    N = gen.max_denoising_steps
+    canvas = uniform_tokens((B, C), V, generator, device)
+    argmax, sc = canvas, None
+    history = torch.full((gen.stability_threshold, B, C), -1, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n = 0
+    for step in range(N):
+        forwards += ~(done | finished)
+        logits = model.denoise(canvas, cache, sc)
+        scaled = logits / temperature(step, N, gen.t_min, gen.t_max)
+        probs = F.softmax(scaled, dim=-1)
+        sample = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, C)
+        new_argmax = scaled.argmax(-1)
+        accept = entropy_bound_accept(entropy(scaled), gen.entropy_bound)
+        new_canvas = renoise(sample, accept, uniform_tokens((B, C), V, generator, device))
+        if done.any():  # frozen rows keep their argmax, canvas and self-conditioning logits
+            new_argmax = torch.where(done[:, None], argmax, new_argmax)
+            new_canvas = torch.where(done[:, None], canvas, new_canvas)
+            scaled = torch.where(done[:, None, None], sc.float(), scaled)
+        confident = entropy(scaled).mean(-1) < gen.confidence_threshold
+        done = done | (is_stable(new_argmax, history) & confident)
+        history = push_history(history, new_argmax)
+        canvas, argmax, sc = new_canvas, new_argmax, scaled.to(model.embed_tokens.weight.dtype)
+        n = step + 1
+        if on_step is not None:
+            on_step(block, step, canvas, argmax)
+        if done.all():
+            break
+    return canvas, argmax, sc, history, done, n
+
+
+@torch.no_grad()
+def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id=(1, 106, 50), pad_token_id=0,
+                temperature=0.0, generator=None):
+    """Autoregressive baseline on the same weights: the encoder's next-token logits (final norm,
+    tied head, softcap) and the KV cache, one token per forward. Greedy unless temperature > 0."""
+    cfg, device = model.cfg, model.embed_tokens.weight.device
+    ids, valid = (prompts, torch.ones_like(prompts, dtype=torch.bool)) if torch.is_tensor(prompts) \
+        else left_pad(prompts, cfg.pad_token_id, device)
+    if ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
+        raise DiffusionGemmaError(f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
+                                  f"context of {cfg.max_position_embeddings}")
+    B = ids.shape[0]
+    sync(device)
+    t0 = time.perf_counter()
+    cache = model.new_cache(B)
+    h = model.encode(ids, cache, valid)[:, -1:]
+    sync(device)
+    prefill = time.perf_counter() - t0
+    out = []
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        logits = model.head(h)[:, -1]
+        if temperature > 0:
+            nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+        else:
+            nxt = logits.argmax(-1)
+        nxt = nxt.masked_fill(finished, pad_token_id)
+        out.append(nxt)
+        finished |= torch.isin(nxt, torch.tensor(eos_token_id, device=device))
+        if finished.all():
+            break
+        h = model.encode(nxt[:, None], cache)
+    sync(device)
+    tokens = torch.stack(out, 1)
+    is_stop = torch.isin(tokens, torch.tensor(eos_token_id, device=device))
+    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, tokens.shape[1])
+    return GenerationResult(tokens=tokens, steps=[], forwards=[len(out)] * B, new_tokens=first_stop.tolist(),
+                            seconds=time.perf_counter() - t0, prefill_seconds=prefill)
