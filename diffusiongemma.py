@@ -1048,3 +1048,73 @@ def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id
     first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, tokens.shape[1])
     return GenerationResult(tokens=tokens, steps=[], forwards=[len(out)] * B, new_tokens=first_stop.tolist(),
                             seconds=time.perf_counter() - t0, prefill_seconds=prefill)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and the Gemma 4 chat format
+
+THOUGHT_BLOCK = re.compile(r"<\|channel>thought.*?(<channel\|>|$)", re.S)
+
+
+class Tokenizer:
+    """A `tokenizers` tokenizer.json plus the Gemma 4 chat prompt:
+    <bos><|turn>user\\n{message}<turn|>\\n<|turn>model\\n  and, with thinking off, the closed empty
+    thought block <|channel>thought\\n<channel|>."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            self.tok = HFTokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - the library raises a bare Exception on bad files
+            raise DiffusionGemmaError(f"cannot read tokenizer {path!r} ({e}); it must be a tokenizers tokenizer.json")
+        self.special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        self.bos_id = self.tok.token_to_id("<bos>")
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise DiffusionGemmaError(f"{folder!r} has no tokenizer.json; pass a checkpoint folder with one "
+                                      f"or use --random-weights")
+        return cls(path)
+
+    def encode(self, text: str) -> list:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    @staticmethod
+    def chat_prompt(message: str, thinking: bool = False) -> str:
+        prompt = f"<bos><|turn>user\n{message}<turn|>\n<|turn>model\n"
+        return prompt if thinking else prompt + "<|channel>thought\n<channel|>"
+
+    def encode_prompt(self, text: str, chat: bool = True) -> list:
+        """The prompt's ids: the chat format, or <bos> + the plain text."""
+        if not text:
+            raise DiffusionGemmaError("empty prompt: give some text with --prompt or --prompt-file")
+        if chat:
+            return self.encode(self.chat_prompt(text))
+        return ([self.bos_id] if self.bos_id is not None else []) + self.encode(text)
+
+    @staticmethod
+    def char_level_json(chars: str, special_tokens: dict, vocab_size: int) -> str:
+        """A character-level tokenizer.json built with `tokenizers`: special_tokens {id: token} at fixed
+        ids, then one token per character of `chars` in the free ids. For small models (Sudoku, tests)."""
+        from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        vocab = {tok: i for i, tok in special_tokens.items()}
+        free = (i for i in range(vocab_size) if i not in special_tokens)
+        for ch in dict.fromkeys(chars):
+            vocab[ch] = next(free)
+        unk = next((t for t in special_tokens.values() if t == "<unk>"), None)
+        tok = HFTokenizer(models.WordLevel(vocab, unk_token=unk))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens(list(special_tokens.values()))
+        return tok.to_str()
+
+    def decode(self, ids, strip_thoughts: bool = True) -> str:
+        """ids -> text without special tokens; thought blocks are removed."""
+        text = self.tok.decode(list(ids), skip_special_tokens=False)
+        if strip_thoughts:
+            text = THOUGHT_BLOCK.sub("", text)
+        for s in self.special:
+            text = text.replace(s, "")
+        return text

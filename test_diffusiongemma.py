@@ -438,3 +438,140 @@ def test_generate_matches_transformers_token_for_token(gentle_ckpt, settings):
         assert torch.allclose(n_valid / torch.tensor(res.forwards, dtype=torch.float), expected.tokens_per_forward)
         if settings["confidence_threshold"] > 1:
             assert max(res.steps) < settings["max_denoising_steps"]  # the adaptive stop fired
+
+
+def test_seed_reproduces_and_differs(tiny_ckpt):
+    model = DiffusionGemma.from_pretrained(tiny_ckpt)
+    gen = GenerationConfig(max_new_tokens=32, max_denoising_steps=4)
+    run = lambda seed: generate(model, [[2, 5, 6, 7]], gen, generator=torch.Generator().manual_seed(seed)).tokens  # noqa
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+
+
+def test_stop_tokens_pad_the_rest():
+    tokens = torch.tensor([[5, 6, 106, 7, 1, 8], [5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6]])
+    out, stopped = dg.truncate_after_stop(tokens, [1, 106, 50], 0)
+    assert out.tolist() == [[5, 6, 106, 0, 0, 0], [5, 6, 7, 8, 9, 10], [1, 0, 0, 0, 0, 0]]
+    assert stopped.tolist() == [True, False, True]
+
+
+def test_generation_stops_at_eos_and_pads(gentle_ckpt):
+    """With a token the model emits often declared a stop token, rows end there and later blocks are pad."""
+    model = DiffusionGemma.from_pretrained(gentle_ckpt)
+    g = torch.Generator().manual_seed(0)
+    first = generate(model, [[2, 9, 9]], GenerationConfig(max_new_tokens=16, max_denoising_steps=3), generator=g)
+    stop = first.tokens[0, 5].item()  # a token the model emits for this prompt and seed
+    gen = GenerationConfig(max_new_tokens=64, max_denoising_steps=3, eos_token_id=[stop])
+    res = generate(model, [[2, 9, 9]], gen, generator=torch.Generator().manual_seed(0))
+    row = res.tokens[0]
+    k = (row == stop).nonzero()[0].item()
+    assert k <= 5 and (row[k + 1:] == 0).all() and res.new_tokens == [k + 1]
+    assert len(res.steps) == 1  # no further block after the stop
+
+
+def test_left_padding_does_not_change_a_row(tiny_ckpt):
+    """A short prompt batched (left padded) with a long one gets the logits it gets alone."""
+    model = DiffusionGemma.from_pretrained(tiny_ckpt)
+    short, long_ = [2, 7, 8, 9], [2] + list(range(20, 31))
+    canvas = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ids, valid = dg.left_pad([short, long_], 0, "cpu")
+        cache = model.new_cache(2)
+        model.encode(ids, cache, valid)
+        batched = model.denoise(canvas, cache)
+        alone = model(torch.tensor([short]), canvas[:1])
+    assert rel_err(batched[0], alone[0]) < 1e-4
+
+
+def test_ar_baseline_is_greedy_decoding(tiny_ckpt):
+    model = DiffusionGemma.from_pretrained(tiny_ckpt)
+    prompt = [2, 11, 12, 13]
+    res = generate_ar(model, [prompt], max_new_tokens=5, eos_token_id=[9999])
+    seq = list(prompt)
+    with torch.no_grad():  # recompute every step from scratch with no cache reuse
+        for _ in range(5):
+            cache = model.new_cache(1)
+            h = model.encode(torch.tensor([seq]), cache)
+            seq.append(model.head(h)[0, -1].argmax().item())
+    assert res.tokens[0].tolist() == seq[len(prompt):]
+
+
+def test_generation_settings_are_validated():
+    with pytest.raises(DiffusionGemmaError, match="max_denoising_steps must be >= 1"):
+        GenerationConfig(max_denoising_steps=0)
+    with pytest.raises(DiffusionGemmaError, match="t_min"):
+        GenerationConfig(t_min=0.9, t_max=0.8)
+
+
+def test_temperature_schedule():
+    assert dg.temperature(0, 48, 0.4, 0.8) == pytest.approx(0.8)
+    assert dg.temperature(47, 48, 0.4, 0.8) == pytest.approx(0.4 + 0.4 / 48)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and sample.py
+
+SPECIALS = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 50: "<|tool_response>",
+            100: "<|channel>", 101: "<channel|>", 105: "<|turn>", 106: "<turn|>"}
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    """A tiny checkpoint with a real tokenizer.json (character level, Gemma's special ids)."""
+    import string
+    path = str(tmp_path_factory.mktemp("ckpt") / "text")
+    model = randomise_(DiffusionGemma(tiny_config()), seed=1, std=0.02)
+    dg.save_checkpoint(model, path, extra_files={
+        "tokenizer.json": dg.Tokenizer.char_level_json(string.printable, SPECIALS, 512)})
+    return path
+
+
+def test_tokenizer_round_trip_and_chat_format(text_ckpt):
+    tok = dg.Tokenizer.from_pretrained(text_ckpt)
+    text = "Why is the sky blue?\nTell me."
+    assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode_prompt(text, chat=True)
+    assert ids[:2] == [2, 105] and ids[-1] == 101  # <bos><|turn> ... <|channel>thought\n<channel|>
+    assert tok.decode(ids, strip_thoughts=False).endswith("model\nthought\n")
+    assert tok.decode(ids) == "user\n" + text + "\nmodel\n"
+    assert tok.encode_prompt("hi", chat=False) == [2] + tok.encode("hi")
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=HERE)
+
+
+def test_sample_py_end_to_end(text_ckpt):
+    base = ["--checkpoint", text_ckpt, "--prompt", "The capital of France is", "--no-chat", "--device", "cpu",
+            "--max-new-tokens", "32", "--steps", "6"]
+    a, b, c = run_sample(*base, "--seed", "1"), run_sample(*base, "--seed", "1"), run_sample(*base, "--seed", "2")
+    assert a.returncode == 0, a.stderr
+    assert "tok/s" in a.stdout and "steps/block" in a.stdout and "tokens/forward" in a.stdout
+    assert a.stdout.splitlines()[:-1] == b.stdout.splitlines()[:-1]  # same text (the stats line has timings)
+    assert a.stdout.splitlines()[:-1] != c.stdout.splitlines()[:-1]
+    shown = run_sample(*base, "--seed", "1", "--show")
+    assert shown.returncode == 0 and "block 1 step 6" in shown.stdout and "\x1b[" in shown.stdout
+    ar = run_sample(*base, "--mode", "ar")
+    assert ar.returncode == 0 and "tok/s" in ar.stdout, ar.stderr
+    batch = run_sample(*base, "--batch", "3")
+    assert batch.returncode == 0, batch.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", ""], "empty prompt"),
+    (["--prompt", "x" * 1100], "does not fit the context"),
+    (["--prompt", "hi", "--device", "tpu"], "unknown device"),
+    (["--prompt", "hi", "--dtype", "int3"], "unknown dtype"),
+    (["--prompt", "hi", "--steps", "0"], "max_denoising_steps must be >= 1"),
+])
+def test_sample_py_bad_input(text_ckpt, args, message):
+    r = run_sample("--checkpoint", text_ckpt, "--device", "cpu", *args)
+    assert r.returncode != 0
+    assert r.stderr.strip().startswith("error:") and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sample_py_missing_checkpoint(tmp_path):
+    r = run_sample("--checkpoint", str(tmp_path / "none"), "--prompt", "hi", "--device", "cpu")
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,168 @@
+"""Generate text (or solve a Sudoku) with DiffusionGemma.
+
+  python sample.py                                   # the bundled Sudoku solver on a built-in puzzle
+  python sample.py --checkpoint DIR --prompt "Why is the sky blue?" --show
+  python sample.py --random-weights --config 26b-a4b --prompt-len 4096 --steps 16 --confidence-threshold 0
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import diffusiongemma as dg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "sudoku")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="Hugging Face-format DiffusionGemma folder (default: the bundled Sudoku solver)")
+    p.add_argument("--prompt", help="the prompt text (for a Sudoku checkpoint: an 81-character puzzle)")
+    p.add_argument("--prompt-file", help="read the prompt from this file instead")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the Gemma 4 chat format with thinking off (default: on)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the checkpoint's, 256 = one block)")
+    p.add_argument("--steps", type=int, help="maximum denoising steps per block (default 48)")
+    p.add_argument("--entropy-bound", type=float, help="entropy budget of accepted positions per step, nats (default 0.1)")
+    p.add_argument("--t-max", type=float, help="temperature at the first denoising step (default 0.8)")
+    p.add_argument("--t-min", type=float, help="temperature the schedule anneals towards (default 0.4)")
+    p.add_argument("--confidence-threshold", type=float,
+                   help="stop a block when its argmax is stable and mean entropy is below this; 0 turns "
+                        "adaptive stopping off (default 0.005)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one generator behind every random draw")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--batch", type=int, default=1, help="generate for N copies of the prompt at once")
+    p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion",
+                   help="diffusion (block denoising) or ar (the autoregressive baseline on the same weights)")
+    p.add_argument("--show", action="store_true", help="redraw the canvas in the terminal at every denoising step")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build a random model of --config directly on the device (no checkpoint, no tokenizer)")
+    p.add_argument("--config", default="26b-a4b", help=f"preset for --random-weights: {', '.join(dg.PRESETS)}")
+    p.add_argument("--prompt-len", type=int, default=128, help="random prompt length for --random-weights")
+    return p.parse_args(argv)
+
+
+def random_model(preset, device, dtype, seed):
+    """A random model of a preset, allocated once, directly on the device."""
+    cfg = dg.Config.preset(preset)
+    with torch.device("meta"):
+        model = dg.DiffusionGemma(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.init_weights(std=0.02)
+    return model.eval()
+
+
+def weight_bytes_per_pass(model, tokens):
+    """Bytes of weights one forward over `tokens` tokens must read: everything but the experts, plus
+    the experts that are expected to be hit under uniform routing, E * (1 - (1 - k/E)^tokens) per layer."""
+    cfg = model.cfg
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    E, k = cfg.num_experts, cfg.top_k_experts
+    hit = E * (1 - (1 - k / E) ** tokens)
+    # the embedding rows read are few, but the tied head reads the whole matrix on every pass
+    return total - expert_bytes + expert_bytes * hit / E
+
+
+class CanvasView:
+    """Redraws the denoising canvas in place: each step, the canvas as text (noise turning into words)."""
+
+    def __init__(self, render):
+        self.render, self.lines = render, 0
+
+    def __call__(self, block, step, canvas, argmax):
+        text = self.render(canvas[0].tolist())
+        out = f"block {block + 1} step {step + 1}\n{text}"
+        if self.lines:
+            sys.stdout.write(f"\x1b[{self.lines}F\x1b[J")  # up to the first line of the last frame, clear below
+        sys.stdout.write(out + "\n")
+        sys.stdout.flush()
+        self.lines = out.count("\n") + 1
+        time.sleep(0.03)
+
+
+def load(args):
+    device = dg.resolve_device(args.device)
+    dtype = dg.resolve_dtype(args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    if args.random_weights:
+        return random_model(args.config, device, dtype, args.seed), None, device
+    model = dg.DiffusionGemma.from_pretrained(args.checkpoint, device=device, dtype=dtype)
+    return model, args.checkpoint, device
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, ckpt, device = load(args)
+    cfg = model.cfg
+    gen = dg.GenerationConfig.from_pretrained(
+        ckpt, max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps, entropy_bound=args.entropy_bound,
+        t_max=args.t_max, t_min=args.t_min, confidence_threshold=args.confidence_threshold)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    sudoku = None
+    if ckpt is not None and os.path.isfile(os.path.join(ckpt, "sudoku.json")):
+        import train_sudoku as sudoku
+    prompt_text = open(args.prompt_file).read() if args.prompt_file else args.prompt
+
+    # the prompt's token ids, and how to show tokens as text
+    if args.random_weights:
+        ids = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), generator=g, device=device).tolist()[0]
+        render = lambda t: " ".join(map(str, t[:48])) + " ..."  # noqa: E731
+    elif sudoku is not None:
+        tok = dg.Tokenizer.from_pretrained(ckpt)
+        puzzle = sudoku.parse_puzzle(prompt_text or sudoku.EXAMPLE_PUZZLE)
+        ids = sudoku.prompt_ids(tok, puzzle)
+        render = lambda t: sudoku.format_grid(sudoku.read_answer(tok.decode(t)), puzzle)  # noqa: E731
+    else:
+        tok = dg.Tokenizer.from_pretrained(ckpt)
+        ids = tok.encode_prompt(prompt_text or "", chat=args.chat)
+        render = lambda t: tok.decode(t).replace("\n", " ")[:2000]  # noqa: E731
+    if len(ids) + min(gen.max_new_tokens, cfg.canvas_length) > cfg.max_position_embeddings:
+        raise dg.DiffusionGemmaError(f"prompt of {len(ids)} tokens does not fit the context of "
+                                     f"{cfg.max_position_embeddings}; shorten it")
+    prompts = [ids] * args.batch
+
+    if args.mode == "ar":
+        res = dg.generate_ar(model, prompts, max_new_tokens=gen.max_new_tokens, eos_token_id=gen.eos_token_id,
+                             pad_token_id=gen.pad_token_id)
+    else:
+        on_step = CanvasView(render) if args.show else None
+        res = dg.generate(model, prompts, gen, generator=g, on_step=on_step)
+
+    # the result, then one stats line
+    row = res.tokens[0, :res.new_tokens[0]].tolist()
+    if sudoku is not None:
+        grid = sudoku.read_answer(tok.decode(row))
+        print(sudoku.format_grid(grid, puzzle))
+        print("solved" if grid and sudoku.is_valid_solution(grid, puzzle) else "not solved")
+    elif args.random_weights:
+        print(f"generated {len(row)} random-model tokens: {row[:16]} ...")
+    else:
+        print(tok.decode(row))
+    stats = [f"new tokens {sum(res.new_tokens)}"]
+    if args.mode == "diffusion":
+        stats += [f"steps/block {res.steps}", f"tokens/forward {res.tokens_per_forward:.2f}"]
+    decode_s = res.seconds - res.prefill_seconds
+    stats += [f"{res.tokens_per_second:.1f} tok/s", f"prefill {res.prefill_seconds * 1e3:.0f} ms"]
+    if device.startswith("cuda"):
+        B, C = args.batch, cfg.canvas_length
+        if args.mode == "diffusion":
+            moved = weight_bytes_per_pass(model, B * C) * (sum(res.steps) + len(res.steps) - 1)
+        else:
+            moved = weight_bytes_per_pass(model, B) * res.forwards[0]
+        stats.append(f"weight bandwidth {moved / decode_s / 1e9:.0f} GB/s")
+    print(" | ".join(stats))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except dg.DiffusionGemmaError as e:
+        sys.exit(f"error: {e}")
