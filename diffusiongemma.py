@@ -33,12 +33,14 @@ References: transformers 5.23.0 `models/diffusion_gemma/` (the oracle our tests 
 Google's JAX code in google-deepmind/gemma `gemma/diffusion/`.
 """
 
+import contextlib
 import json
 import math
 import os
 import re
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -206,17 +208,20 @@ PRESETS = {
                  num_experts=4, top_k_experts=2, moe_intermediate_size=32, sliding_window=8,
                  layer_types=[SLIDING, SLIDING, FULL], max_position_embeddings=1024, canvas_length=16,
                  image_token_id=511, boi_token_id=509, eoi_token_id=510),
-    "sudoku-small": dict(vocab_size=32, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+    # Sudoku models (vocab: 5 special tokens + "0123456789\n"; the canvas is the 81 answer digits).
+    # "sudoku-small" trains on 2 CPU cores in minutes; "sudoku" (11.2M parameters, 22 MB in bf16) is
+    # the bundled solver.
+    "sudoku-small": dict(vocab_size=16, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_global_key_value_heads=1,
-                         global_head_dim=64, num_experts=8, top_k_experts=2, moe_intermediate_size=128,
-                         sliding_window=128, layer_types=[SLIDING, FULL, SLIDING, FULL], max_position_embeddings=512,
-                         canvas_length=96, image_token_id=31, boi_token_id=29, eoi_token_id=30),
-    "sudoku": dict(vocab_size=32, hidden_size=384, intermediate_size=768, num_hidden_layers=8,
-                   num_attention_heads=6, num_key_value_heads=3, head_dim=64, num_global_key_value_heads=1,
-                   global_head_dim=128, num_experts=16, top_k_experts=2, moe_intermediate_size=384,
-                   sliding_window=128, layer_types=[SLIDING, SLIDING, SLIDING, FULL] * 2,
-                   max_position_embeddings=512, canvas_length=96, image_token_id=31, boi_token_id=29,
-                   eoi_token_id=30),
+                         global_head_dim=64, num_experts=4, top_k_experts=2, moe_intermediate_size=128,
+                         sliding_window=256, layer_types=[SLIDING, FULL, SLIDING, FULL], max_position_embeddings=512,
+                         canvas_length=81, image_token_id=15, boi_token_id=13, eoi_token_id=14),
+    "sudoku": dict(vocab_size=16, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_global_key_value_heads=1,
+                   global_head_dim=128, num_experts=8, top_k_experts=2, moe_intermediate_size=128,
+                   sliding_window=256, layer_types=[SLIDING, SLIDING, SLIDING, FULL] * 2,
+                   max_position_embeddings=512, canvas_length=81, image_token_id=15, boi_token_id=13,
+                   eoi_token_id=14),
 }
 
 
@@ -224,12 +229,12 @@ PRESETS = {
 # Building blocks
 
 def rms_norm(x, weight=None, eps=1e-6):
-    """x / rms(x) * weight, computed in fp32 and cast back. Gemma 4: no `1 +` on the weight."""
-    xf = x.float()
-    xf = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        xf = xf * weight.float()
-    return xf.type_as(x)
+    """x / rms(x) * weight, computed in fp32 and cast back. Gemma 4: no `1 +` on the weight.
+    F.rms_norm does exactly that (upcast, normalise, multiply by the weight, cast once), in one kernel
+    on GPU: (x.float() * (x.float().pow(2).mean(-1) + eps) ** -0.5 * weight.float()).type_as(x)."""
+    if weight is not None and weight.dtype != x.dtype:  # bf16 activations, fp32 weights (autocast training)
+        weight = weight.to(x.dtype)                     # matching dtypes keep the fused kernel
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -251,17 +256,16 @@ def rope_inv_freq(head_dim, theta, rotary_factor=1.0):
 
 
 def rope_cos_sin(positions, inv_freq, dtype):
-    """positions [B, T] -> cos, sin [B, T, head_dim] (rotate-half layout), in fp32 then cast."""
+    """positions [B, T] -> cos, sin [B, T, head_dim] (rotate-half layout), in fp32 then cast.
+    The first half of sin is negated: it carries the sign of rotate_half (see apply_rope)."""
     freqs = positions[..., None].float() * inv_freq.to(positions.device)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return torch.cat([freqs, freqs], -1).cos().to(dtype), torch.cat([-freqs, freqs], -1).sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x [B, T, heads, D]; dim i pairs with dim i + D/2 (NeoX "rotate half", not interleaved)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
+    """x [B, T, heads, D]; dim i pairs with dim i + D/2 (NeoX "rotate half", not interleaved):
+    x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] = roll(x, D/2) * [-1, 1] (the -1 is in sin)."""
+    return torch.addcmul(x * cos[:, :, None], x.roll(x.shape[-1] // 2, dims=-1), sin[:, :, None])
 
 
 class Attention(nn.Module):
@@ -280,8 +284,9 @@ class Attention(nn.Module):
         self.eps = cfg.rms_norm_eps
 
     def forward(self, x, cos, sin, ctx_k, ctx_v, mask):
-        """x [B, T, H] (normed); ctx_k, ctx_v [B, kv_heads, S, D] cached context or None; mask [B, 1, T, S+T].
-        Returns the output [B, T, H] and this pass's own k, v [B, kv_heads, T, D] (for the cache)."""
+        """x [B, T, H] (normed); ctx_k, ctx_v [B, kv_heads, S, D] cached context or None; mask [B, 1, G*T, S+T]
+        additive (0 or -inf), its T query rows repeated for the G = heads / kv_heads query heads that share
+        a KV head (see attention_bias). Returns the output [B, T, H] and this pass's own k, v [B, kv_heads, T, D]."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
         k_raw = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
@@ -291,10 +296,14 @@ class Attention(nn.Module):
         v = rms_norm(v_raw, None, self.eps).transpose(1, 2)                   # weightless norm, no RoPE
         k_all = k if ctx_k is None else torch.cat([ctx_k, k], dim=2)
         v_all = v if ctx_v is None else torch.cat([ctx_v, v], dim=2)
+        # grouped-query attention without copying K/V: the G query heads of one KV head become G*T query
+        # rows of that head (SDPA's fused kernels take no enable_gqa, and the 512-wide heads fit only one)
+        G = self.heads // self.kv_heads
+        q = q.reshape(B, self.kv_heads, G * T, self.head_dim)
         # scale 1.0: q and k are already RMS-normalised per head
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=1.0,
-                                           enable_gqa=self.kv_heads != self.heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)), k, v
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=1.0)
+        y = y.view(B, self.heads, T, self.head_dim).transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+        return self.o_proj(y), k, v
 
 
 class MLP(nn.Module):
@@ -359,17 +368,20 @@ class Experts(nn.Module):
     def forward_grouped(self, x, weights, ids):
         N, k = ids.shape
         E = self.gate_up_proj.shape[0]
-        flat_ids = ids.reshape(-1)                                   # [N*k]
-        order = torch.argsort(flat_ids, stable=True)                 # pairs sorted by expert
+        expert, order = ids.reshape(-1).sort(stable=True)            # the N*k (token, expert) pairs by expert
         token = order // k                                           # the token of each sorted pair
-        counts = torch.bincount(flat_ids, minlength=E)
-        offsets = torch.cumsum(counts, 0).to(torch.int32)            # end row of each expert's group
-        xs = x[token]                                                # [N*k, H]
-        h = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offsets)  # [N*k, 2I]
+        # end row of each expert's group (searchsorted, unlike bincount, needs no host synchronisation)
+        offsets = torch.searchsorted(expert, torch.arange(1, E + 1, device=ids.device)).to(torch.int32)
+        # under autocast (training) the GEMMs run in the autocast dtype, like nn.Linear does
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        xs = x[token].to(dt)                                         # [N*k, H]
+        h = torch._grouped_mm(xs, self.gate_up_proj.to(dt).transpose(1, 2), offs=offsets)  # [N*k, 2I]
         gate, up = h.chunk(2, dim=-1)
-        y = torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(1, 2), offs=offsets)
-        y = y * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        y = torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.to(dt).transpose(1, 2),
+                              offs=offsets)
+        # back to (token, slot) order, then each token's weighted sum over its k experts, in fp32
+        y = torch.zeros_like(y).index_copy(0, order, y).view(N, k, -1)
+        return (y * weights[..., None]).sum(1).to(x.dtype)
 
 
 class Layer(nn.Module):
@@ -433,19 +445,25 @@ class KVCache:
         self.length = 0                 # tokens encoded so far (= the position of the next token)
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool)
 
-    def kept(self, layer):
-        """Number of most recent tokens this layer keeps."""
-        if self.cfg.layer_types[layer] == SLIDING:
-            return min(self.length, self.cfg.sliding_window - 1)
-        return self.length
+    def kept(self, kind):
+        """Number of most recent tokens a layer of this kind keeps."""
+        return min(self.length, self.cfg.sliding_window - 1) if kind == SLIDING else self.length
 
-    def context(self, layer, device):
-        """This layer's cached k, v [B, kv, S, D] (or None), their positions [S] and validity [B, S]."""
-        S = self.kept(layer)
-        positions = torch.arange(self.length - S, self.length, device=device)
-        return self.k[layer], self.v[layer], positions, self.valid[:, self.length - S:].to(device)
+    def positions(self, T, device):
+        """Positions [T] of the next T tokens."""
+        return torch.arange(self.length, self.length + T, device=device)
 
-    def append(self, layer, k, v):
+    def kv(self, layer):
+        """This layer's cached k, v [B, kv, S, D] (None before the first encode)."""
+        return self.k[layer], self.v[layer]
+
+    def visible(self, kind, device):
+        """Positions [S] and validity [B, S] of the cached tokens of a layer of this kind."""
+        S = self.kept(kind)
+        return torch.arange(self.length - S, self.length, device=device), self.valid[:, self.length - S:].to(device)
+
+    def append(self, layer, k, v, positions):
+        """Adds this pass's k, v [B, kv, T, D] at positions [T] (the next ones: appending is enough here)."""
         if self.k[layer] is not None:
             k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
@@ -454,10 +472,79 @@ class KVCache:
         """Called once after all layers appended T tokens; trims the sliding layers."""
         self.valid = torch.cat([self.valid.to(valid.device), valid], dim=1)
         self.length += valid.shape[1]
-        for i in range(self.cfg.num_hidden_layers):
-            S = self.kept(i)
+        for i, kind in enumerate(self.cfg.layer_types):
+            S = self.kept(kind)
             if self.k[i] is not None and self.k[i].shape[2] > S:
                 self.k[i], self.v[i] = self.k[i][:, :, -S:], self.v[i][:, :, -S:]
+
+
+class StaticKVCache:
+    """The fast path's KV cache, allocated once, so that a pass over T tokens always has the same shapes and
+    addresses (one CUDA graph of it serves every block). It keeps what KVCache keeps, behind masks:
+      * full layers: k, v [B, kv, capacity, D]; position p lives in slot p;
+      * sliding layers: a ring [B, kv, R, D] with R >= window - 1 + canvas; position p lives in slot p % R.
+    Per slot, `pos` holds the position written there (EMPTY before any) and `valid` whether it is a real
+    token; visible() turns them into what KVCache.visible() returns, as a mask over all the slots. The length
+    is a device tensor that passes read and only advance() moves, so a recorded pass can be replayed."""
+
+    EMPTY = 2 ** 40  # the position of a slot never written: far from every query, so always masked
+
+    def __init__(self, cfg: Config, batch_size: int, capacity: int, device, dtype):
+        self.cfg, self.batch_size, self.capacity = cfg, batch_size, capacity
+        ring = -(-(cfg.sliding_window - 1 + cfg.canvas_length) // 64) * 64  # rounded up for aligned rows
+        self.slots = {SLIDING: ring, FULL: capacity}
+        self.k, self.v = [], []
+        for i, kind in enumerate(cfg.layer_types):
+            D, kv = cfg.attn_shape(i)
+            # zeros, not empty: a masked slot is multiplied by 0 and must not hold a NaN
+            self.k.append(torch.zeros(batch_size, kv, self.slots[kind], D, dtype=dtype, device=device))
+            self.v.append(torch.zeros(batch_size, kv, self.slots[kind], D, dtype=dtype, device=device))
+        self.pos = {kind: torch.full((S,), self.EMPTY, device=device) for kind, S in self.slots.items()}
+        self.valid = {kind: torch.zeros(batch_size, S, dtype=torch.bool, device=device) for kind, S in self.slots.items()}
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+        self.host_length = 0  # the same count on the host, to check the capacity without a sync
+
+    def reset(self):
+        for kind in self.slots:
+            self.pos[kind].fill_(self.EMPTY)
+            self.valid[kind].zero_()
+        self.length.zero_()
+        self.host_length = 0
+
+    def positions(self, T, device):
+        return self.length + torch.arange(T, device=device)
+
+    def kv(self, layer):
+        return self.k[layer], self.v[layer]
+
+    def visible(self, kind, device):
+        pos, valid = self.pos[kind], self.valid[kind]
+        if kind == SLIDING:  # the last window-1 tokens, as in KVCache (the ring holds a few more)
+            valid = valid & (pos > self.length - self.cfg.sliding_window)
+        return pos, valid
+
+    def _slots(self, kind, positions):
+        """The slots of the last min(T, S) positions (a ring keeps only the newest R), and how many."""
+        n = min(positions.shape[0], self.slots[kind])
+        return positions[-n:] % self.slots[kind], n
+
+    def append(self, layer, k, v, positions):
+        slots, n = self._slots(self.cfg.layer_types[layer], positions)
+        self.k[layer].index_copy_(2, slots, k[:, :, -n:])
+        self.v[layer].index_copy_(2, slots, v[:, :, -n:])
+
+    def advance(self, valid):
+        T = valid.shape[1]
+        if self.host_length + T > self.capacity:
+            raise DiffusionGemmaError(f"the static KV cache holds {self.capacity} tokens; {self.host_length} + {T} "
+                                      f"do not fit: make the FastPath with a larger capacity")
+        positions = self.positions(T, valid.device)
+        for kind in self.slots:
+            slots, n = self._slots(kind, positions)
+            self.pos[kind].index_copy_(0, slots, positions[-n:])
+            self.valid[kind].index_copy_(1, slots, valid[:, -n:])
+        self.length += T  # in place: the recorded passes read this very tensor
+        self.host_length += T
 
 
 def attention_mask(q_pos, k_pos, k_valid, causal: bool, window: int | None, band: bool):
@@ -472,6 +559,14 @@ def attention_mask(q_pos, k_pos, k_valid, causal: bool, window: int | None, band
     ok = ok[None, None] & k_valid[:, None, None, :]
     # every token may see itself, so a padding query has one finite key (its output is never used)
     return ok | (d == 0)[None, None]
+
+
+def attention_bias(mask, groups: int, dtype):
+    """Boolean mask [B, 1, T, S] -> what SDPA adds to the scores (0 where allowed, -inf elsewhere), its rows
+    repeated for the `groups` query heads that share a KV head: [B, 1, groups*T, S] (see Attention.forward)."""
+    B, _, T, S = mask.shape
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return bias.expand(B, groups, T, S).reshape(B, 1, groups * T, S)
 
 
 # -----------------------------------------------------------------------------
@@ -490,15 +585,27 @@ class DiffusionGemma(nn.Module):
 
     # --- pieces shared by both modes
 
-    def embed(self, ids):
-        """ids [B, T] -> [B, T, H]; sqrt(H) is cast to the weight dtype first (53.0 in bf16)."""
-        scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=self.embed_tokens.weight.dtype)
-        return self.embed_tokens(ids) * scale.to(ids.device)
+    def embed_scale(self):
+        """sqrt(H) rounded to the weight dtype (53.0 in bf16, not 53.07), as a Python number."""
+        return torch.tensor(self.cfg.hidden_size ** 0.5, dtype=self.embed_tokens.weight.dtype).item()
 
-    def head(self, h):
-        """final hidden states (normed) [..., H] -> fp32 softcapped logits [..., V] (tied embedding)."""
-        cap = self.cfg.final_logit_softcapping
-        return cap * torch.tanh(F.linear(h, self.embed_tokens.weight).float() / cap)
+    def embed(self, ids):
+        """ids [B, T] -> [B, T, H] * sqrt(H) (in the weight dtype)."""
+        return self.embed_tokens(ids) * self.embed_scale()
+
+    def head(self, h, chunk=None):
+        """final hidden states (normed) [..., H] -> fp32 softcapped logits [..., V] (tied embedding).
+        With `chunk` (the fast path), `chunk` vocabulary rows at a time are written into one fp32 output,
+        so the bf16 product and the softcap's fp32 temporaries stay [..., chunk]."""
+        cap, E = self.cfg.final_logit_softcapping, self.embed_tokens.weight
+        if chunk is None:
+            return cap * torch.tanh(F.linear(h, E).float() / cap)
+        out = torch.empty(*h.shape[:-1], E.shape[0], dtype=torch.float32, device=h.device)
+        for a in range(0, E.shape[0], chunk):
+            o = out[..., a:a + chunk]
+            o.copy_(F.linear(h, E[a:a + chunk]))
+            o.div_(cap).tanh_().mul_(cap)
+        return out
 
     def rope(self, positions, dtype):
         """positions [B, T] -> {layer type: (cos, sin)}"""
@@ -511,24 +618,27 @@ class DiffusionGemma(nn.Module):
 
     def run_layers(self, x, positions, cache: KVCache, valid, encoder: bool):
         """Runs every layer over x [B, T, H] at positions [T] against the cache. The encoder attends
-        causally and appends the new keys/values; the decoder attends bidirectionally and discards them."""
+        causally and writes the new keys/values (encode() then advances the cache); the decoder attends
+        bidirectionally and discards them."""
         B, T, _ = x.shape
+        cfg = self.cfg
         rope = self.rope(positions[None].expand(B, T), x.dtype)
-        band = self.cfg.sliding_window_mode == "band"
-        for i, layer in enumerate(self.layers):
-            kind = self.cfg.layer_types[i]
-            cos, sin = rope[kind]
-            ctx_k, ctx_v, ctx_pos, ctx_valid = cache.context(i, x.device)
-            window = self.cfg.sliding_window if kind == SLIDING else None
+        band = cfg.sliding_window_mode == "band"
+        masks = {}  # one per layer kind: the cache shows every layer of a kind the same tokens
+        for kind in dict.fromkeys(cfg.layer_types):
+            ctx_pos, ctx_valid = cache.visible(kind, x.device)
+            window = cfg.sliding_window if kind == SLIDING else None
             if not encoder and not band:
                 window = None  # "anchored": every canvas query sees the whole cached tail and the canvas
             mask = attention_mask(positions, torch.cat([ctx_pos, positions]), torch.cat([ctx_valid, valid], 1),
                                   causal=encoder, window=window, band=not encoder)
-            x, k, v = layer(x, cos, sin, ctx_k, ctx_v, mask, encoder)
+            kv_heads = cfg.num_key_value_heads if kind == SLIDING else cfg.num_global_key_value_heads
+            masks[kind] = attention_bias(mask, cfg.num_attention_heads // kv_heads, x.dtype)
+        for i, layer in enumerate(self.layers):
+            kind = cfg.layer_types[i]
+            x, k, v = layer(x, *rope[kind], *cache.kv(i), masks[kind], encoder)
             if encoder:
-                cache.append(i, k, v)
-        if encoder:
-            cache.advance(valid)
+                cache.append(i, k, v, positions)
         return self.norm(x)
 
     # --- the two modes
@@ -536,34 +646,44 @@ class DiffusionGemma(nn.Module):
     def new_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.cfg, batch_size)
 
-    def encode(self, ids, cache: KVCache, valid=None):
+    def encode(self, ids, cache: KVCache, valid=None, advance=True):
         """Causal pass over ids [B, T] at positions cache.length.. ; appends to the cache.
-        valid [B, T] bool marks real tokens (False = left padding). Returns final normed hidden [B, T, H]."""
+        valid [B, T] bool marks real tokens (False = left padding). Returns final normed hidden [B, T, H].
+        advance=False writes the keys/values but leaves the cache's length to the caller (the fast path)."""
         if valid is None:
             valid = torch.ones_like(ids, dtype=torch.bool)
-        positions = torch.arange(cache.length, cache.length + ids.shape[1], device=ids.device)
-        return self.run_layers(self.embed(ids), positions, cache, valid, encoder=True)
+        h = self.run_layers(self.embed(ids), cache.positions(ids.shape[1], ids.device), cache, valid, encoder=True)
+        if advance:
+            cache.advance(valid)
+        return h
 
-    def soft_embedding(self, sc_logits):
+    def soft_embedding(self, sc_logits, chunk=None):
         """Self-conditioning signal: softmax(previous step's scaled logits) @ E * sqrt(H).
-        sc_logits [B, C, V] -> [B, C, H]; softmax in fp32, the product in the weight dtype."""
+        sc_logits [B, C, V] -> [B, C, H]; softmax in fp32, the product in the weight dtype. With `chunk`
+        (the fast path), the sum runs over `chunk` vocabulary rows at a time: exp(l - logsumexp(l)), cast,
+        times those rows of E, accumulated in fp32; no [B, C, V] fp32 tensor is made."""
         E = self.embed_tokens.weight
-        probs = F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(E.dtype)
-        scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=E.dtype, device=E.device)
-        return (probs @ E) * scale
+        if chunk is None:
+            probs = F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(E.dtype)
+            return (probs @ E) * self.embed_scale()
+        pieces = list(zip(sc_logits.split(chunk, -1), E.split(chunk)))
+        lse = torch.stack([torch.logsumexp(s.float(), -1) for s, _ in pieces], -1).logsumexp(-1, keepdim=True)
+        soft = sum((torch.exp(s.float() - lse).to(E.dtype) @ e).float() for s, e in pieces)
+        return soft.to(E.dtype) * self.embed_scale()
 
-    def denoise(self, canvas, cache: KVCache, sc_logits=None, sc_mask=None):
+    def denoise(self, canvas, cache: KVCache, sc_logits=None, sc_mask=None, chunk=None):
         """Bidirectional pass over canvas [B, C] at positions cache.length.. ; reads the cache only.
         sc_logits [B, C, V]: the previous step's temperature-scaled logits (None on the first step).
-        sc_mask [B] bool: rows whose self-conditioning is zeroed (training). Returns fp32 logits [B, C, V]."""
+        sc_mask [B] bool: rows whose self-conditioning is zeroed (training). Returns fp32 logits [B, C, V].
+        chunk: vocabulary chunk of the head and of the self-conditioning product (see head)."""
         x = self.embed(canvas)
-        soft = torch.zeros_like(x) if sc_logits is None else self.soft_embedding(sc_logits)
+        soft = torch.zeros_like(x) if sc_logits is None else self.soft_embedding(sc_logits, chunk)
         if sc_mask is not None:
             soft = soft * sc_mask.to(soft.dtype)[:, None, None]
         x = self.self_conditioning(x, soft)
-        positions = torch.arange(cache.length, cache.length + canvas.shape[1], device=canvas.device)
+        positions = cache.positions(canvas.shape[1], canvas.device)
         valid = torch.ones_like(canvas, dtype=torch.bool)
-        return self.head(self.run_layers(x, positions, cache, valid, encoder=False))
+        return self.head(self.run_layers(x, positions, cache, valid, encoder=False), chunk)
 
     def forward(self, input_ids, canvas, self_conditioning_logits=None):
         """Encodes input_ids [B, T] into a fresh cache, then denoises canvas [B, C] against it.
@@ -713,7 +833,8 @@ def atomic_write(path, write_fn, mode="w"):
 
 def save_checkpoint(model, path, max_shard_bytes=5 * 10**9, extra_files=None):
     """config.json + model.safetensors (or shards + index), written into a temporary sibling folder
-    that replaces `path` only when complete. extra_files: {name: str contents} (tokenizer.json...)."""
+    that replaces `path` only when complete. extra_files: {name: text, or a function writing the
+    open binary file} (tokenizer.json, generation_config.json, a training state...)."""
     from safetensors.torch import save_file
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
@@ -744,9 +865,9 @@ def save_checkpoint(model, path, max_shard_bytes=5 * 10**9, extra_files=None):
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({**model.cfg.to_hf(), "dtype": dtype_name}, f, indent=2)
-        for name, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w") as f:
-                f.write(text)
+        for name, content in (extra_files or {}).items():  # text, or a function that writes a binary file
+            with open(os.path.join(tmp, name), "wb" if callable(content) else "w") as f:
+                content(f) if callable(content) else f.write(content)
         if os.path.isdir(path):  # swap: old folder aside, new one in, old one removed
             old = tempfile.mkdtemp(dir=parent, prefix=".old-" + os.path.basename(path))
             os.replace(path, os.path.join(old, "x"))
@@ -854,6 +975,36 @@ def entropy(logits):
     return -(logp.exp() * logp).sum(-1)
 
 
+def sample_categorical(probs, generator=None):
+    """One draw per row of probs [N, V]: exactly torch.multinomial(probs, 1, generator=generator)[:, 0], the
+    same random numbers and arithmetic (argmax of probs / q, q ~ Exp(1)), minus multinomial's checks of the
+    probabilities, which copy a flag to the host and so stall the GPU at every call."""
+    q = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / q).argmax(-1)
+
+
+def sampler_math(logits, t, q, sc_dtype):
+    """The sampler's work on rows of logits [N, V] at temperature t, given q [N, V] ~ Exp(1) (see
+    sample_categorical) -> sample, argmax, entropy [N], and the scaled logits in sc_dtype (the next step's
+    self-conditioning input)."""
+    scaled = logits / t
+    sample = (F.softmax(scaled, dim=-1) / q).argmax(-1)
+    return sample, scaled.argmax(-1), entropy(scaled), scaled.to(sc_dtype)
+
+
+def sample_logits(logits, t, generator, sc_dtype, rows=None, fn=sampler_math):
+    """logits [B, C, V] -> (sample, argmax, entropy) [B, C] and the scaled logits [B, C, V] in sc_dtype.
+    The random draw is torch.multinomial's (one call over all B*C rows, in transformers' order); the rest
+    runs `rows` positions at a time when given, so fp32 temporaries stay [rows, V]. fn: sampler_math or a
+    compiled copy of it (the fast path)."""
+    B, C, V = logits.shape
+    flat = logits.reshape(B * C, V)
+    q = torch.empty_like(flat).exponential_(generator=generator)
+    parts = [fn(x, t, e, sc_dtype) for x, e in zip(flat.split(rows or B * C), q.split(rows or B * C))]
+    join = [p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts)]
+    return tuple(x.view(B, C, *x.shape[1:]) for x in join)
+
+
 def entropy_bound_accept(ent, bound: float):
     """ent [B, C] -> bool [B, C]. Sort each row ascending and accept a position while the sum of the
     entropies *before* it is <= bound (Ben-Hamu et al., arXiv 2505.24857): at least one per row."""
@@ -887,7 +1038,7 @@ def push_history(history, argmax):
 
 def truncate_after_stop(tokens, stop_ids, pad_id):
     """tokens [B, T] -> (tokens with everything after the first stop token set to pad, stopped [B])."""
-    is_stop = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
+    is_stop = torch.isin(tokens, torch.as_tensor(stop_ids, device=tokens.device))
     seen = torch.cumsum(is_stop.int(), dim=-1)
     after = (seen > 1) | ((seen == 1) & ~is_stop)
     return tokens.masked_fill(after, pad_id), is_stop.any(-1)
@@ -930,11 +1081,13 @@ def sync(device):
 
 
 @torch.no_grad()
-def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, generator=None, on_step=None):
+def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, generator=None, on_step=None,
+             fast=None):
     """Block-diffusion generation. prompts: a list of token-id lists (left padded into a batch) or a
     LongTensor [B, T]. One generator feeds every random draw (initial canvas, samples, re-noise),
     so a seeded generator reproduces the output exactly; draws follow transformers' order.
-    on_step(block, step, canvas, argmax) is called after every denoising step."""
+    on_step(block, step, canvas, argmax) is called after every denoising step.
+    fast: a FastPath to run the passes on (static cache, CUDA graphs); None runs the plain path."""
     gen = gen or GenerationConfig()
     cfg, device = model.cfg, model.embed_tokens.weight.device
     ids, valid = (prompts, torch.ones_like(prompts, dtype=torch.bool)) if torch.is_tensor(prompts) \
@@ -946,40 +1099,53 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
                                   f"of {cfg.max_position_embeddings}; shorten the prompt or lower max_new_tokens")
     sync(device)
     t0 = time.perf_counter()
-    cache = model.new_cache(B)
-    model.encode(ids, cache, valid)  # prefill
+    if fast is None:
+        cache = model.new_cache(B)
+        model.encode(ids, cache, valid)  # prefill
+        denoise = lambda canvas, sc: model.denoise(canvas, cache, sc)  # noqa: E731
+        commit = lambda tokens: model.encode(tokens, cache)  # noqa: E731
+    else:
+        fast.start(B, ids.shape[1] + n_blocks * C)
+        fast.prefill(ids, valid)
+        denoise, commit = fast.denoise, fast.commit
     sync(device)
     prefill = time.perf_counter() - t0
+    stop_ids = torch.tensor(gen.eos_token_id, device=device)
     out, steps = [], []
     forwards = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # rows that emitted a stop token
     for block in range(n_blocks):
         if block > 0:
-            model.encode(out[-1], cache)  # commit the previous block at its own positions
-        canvas, argmax, sc, history, done, n = denoise_block(model, cache, gen, generator, finished, forwards,
-                                                             on_step, block)
+            commit(out[-1])  # the encoder over the previous block, at its own positions, into the cache
+        canvas, argmax, sc, history, done, n = denoise_block(model, denoise, gen, generator, finished, forwards,
+                                                             on_step, block, fast)
         steps.append(n)
-        tokens, stopped = truncate_after_stop(argmax, gen.eos_token_id, gen.pad_token_id)
-        tokens[finished] = gen.pad_token_id  # rows that finished in an earlier block
+        tokens, stopped = truncate_after_stop(argmax, stop_ids, gen.pad_token_id)
+        tokens = tokens.masked_fill(finished[:, None], gen.pad_token_id)  # rows that finished in an earlier block
         out.append(tokens)
         finished |= stopped
         if finished.all():
             break
     sync(device)
     tokens = torch.cat(out, dim=1)
-    is_stop = torch.isin(tokens, torch.tensor(gen.eos_token_id, device=device))
+    is_stop = torch.isin(tokens, stop_ids)
     # tokens up to and including the first stop token (all of them when there is none)
     first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, tokens.shape[1])
     return GenerationResult(tokens=tokens, steps=steps, forwards=forwards.tolist(), new_tokens=first_stop.tolist(),
                             seconds=time.perf_counter() - t0, prefill_seconds=prefill)
 
 
-def denoise_block(model, cache, gen, generator, finished, forwards, on_step=None, block=0):
-    """Denoises one canvas against the cache. Rows that stop (or finished earlier) are frozen and
-    never change the others. Returns (canvas, argmax, sc_logits, history, done, steps run)."""
-    cfg, device = model.cfg, cache.valid.device
+def denoise_block(model, denoise, gen, generator, finished, forwards, on_step=None, block=0, fast=None):
+    """Denoises one canvas; denoise(canvas, sc_logits) -> logits is the model's pass against the cache.
+    Rows that stop (or finished earlier) are frozen and never change the others.
+    Returns (canvas, argmax, sc_logits, history, done, steps run)."""
+    cfg, device, dtype = model.cfg, finished.device, model.embed_tokens.weight.dtype
     B, C, V = finished.shape[0], cfg.canvas_length, cfg.vocab_size
     N = gen.max_denoising_steps
+    sample_fn = fast.sample if fast is not None else sample_logits
+    # entropies are >= 0, so with a confidence threshold of 0 no row ever stops: then the checks below,
+    # each a copy to the host that stalls the GPU, are skipped
+    stopping = gen.confidence_threshold > 0
     canvas = uniform_tokens((B, C), V, generator, device)
     argmax, sc = canvas, None
     history = torch.full((gen.stability_threshold, B, C), -1, dtype=torch.long, device=device)
@@ -987,34 +1153,36 @@ def denoise_block(model, cache, gen, generator, finished, forwards, on_step=None
     n = 0
     for step in range(N):
         forwards += ~(done | finished)
-        logits = model.denoise(canvas, cache, sc)
-        scaled = logits / temperature(step, N, gen.t_min, gen.t_max)
-        probs = F.softmax(scaled, dim=-1)
-        sample = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, C)
-        new_argmax = scaled.argmax(-1)
-        accept = entropy_bound_accept(entropy(scaled), gen.entropy_bound)
+        logits = denoise(canvas, sc)
+        # on logits / temperature: a sample (torch.multinomial's draw), the argmax, the entropy, and the
+        # scaled logits in the weight dtype (the next step's self-conditioning input)
+        sample, new_argmax, ent, new_sc = sample_fn(logits, temperature(step, N, gen.t_min, gen.t_max), generator,
+                                                    dtype)
+        accept = entropy_bound_accept(ent, gen.entropy_bound)
         new_canvas = renoise(sample, accept, uniform_tokens((B, C), V, generator, device))
-        if done.any():  # frozen rows keep their argmax, canvas and self-conditioning logits
-            new_argmax = torch.where(done[:, None], argmax, new_argmax)
-            new_canvas = torch.where(done[:, None], canvas, new_canvas)
-            scaled = torch.where(done[:, None, None], sc.float(), scaled)
-        confident = entropy(scaled).mean(-1) < gen.confidence_threshold
-        done = done | (is_stable(new_argmax, history) & confident)
+        if stopping:
+            if done.any():  # frozen rows keep their argmax, canvas and self-conditioning logits
+                new_argmax = torch.where(done[:, None], argmax, new_argmax)
+                new_canvas = torch.where(done[:, None], canvas, new_canvas)
+                new_sc = torch.where(done[:, None, None], sc, new_sc)
+            confident = ent.mean(-1) < gen.confidence_threshold  # (a frozen row is done whatever this says)
+            done = done | (is_stable(new_argmax, history) & confident)
         history = push_history(history, new_argmax)
-        canvas, argmax, sc = new_canvas, new_argmax, scaled.to(model.embed_tokens.weight.dtype)
+        canvas, argmax, sc = new_canvas, new_argmax, new_sc
         n = step + 1
         if on_step is not None:
             on_step(block, step, canvas, argmax)
-        if done.all():
+        if stopping and done.all():
             break
     return canvas, argmax, sc, history, done, n
 
 
 @torch.no_grad()
 def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id=(1, 106, 50), pad_token_id=0,
-                temperature=0.0, generator=None):
+                temperature=0.0, generator=None, fast=None):
     """Autoregressive baseline on the same weights: the encoder's next-token logits (final norm,
-    tied head, softcap) and the KV cache, one token per forward. Greedy unless temperature > 0."""
+    tied head, softcap) and the KV cache, one token per forward. Greedy unless temperature > 0.
+    fast: a FastPath to run the passes on; None runs the plain path."""
     cfg, device = model.cfg, model.embed_tokens.weight.device
     ids, valid = (prompts, torch.ones_like(prompts, dtype=torch.bool)) if torch.is_tensor(prompts) \
         else left_pad(prompts, cfg.pad_token_id, device)
@@ -1024,30 +1192,168 @@ def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id
     B = ids.shape[0]
     sync(device)
     t0 = time.perf_counter()
-    cache = model.new_cache(B)
-    h = model.encode(ids, cache, valid)[:, -1:]
+    if fast is None:
+        cache = model.new_cache(B)
+        logits = model.head(model.encode(ids, cache, valid)[:, -1])
+        next_logits = lambda nxt: model.head(model.encode(nxt[:, None], cache)[:, -1])  # noqa: E731
+        check_every = 1
+    else:
+        fast.start(B, ids.shape[1] + max_new_tokens)
+        logits = model.head(fast.prefill(ids, valid)[:, -1])
+        next_logits = fast.ar_step
+        check_every = 16  # "has every row stopped?" copies to the host and stalls the GPU: ask now and then
     sync(device)
     prefill = time.perf_counter() - t0
+    stop_ids = torch.tensor(eos_token_id, device=device)
     out = []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        logits = model.head(h)[:, -1]
+    for i in range(max_new_tokens):
         if temperature > 0:
-            nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            nxt = sample_categorical(F.softmax(logits / temperature, -1), generator)
         else:
             nxt = logits.argmax(-1)
         nxt = nxt.masked_fill(finished, pad_token_id)
         out.append(nxt)
-        finished |= torch.isin(nxt, torch.tensor(eos_token_id, device=device))
-        if finished.all():
+        finished |= torch.isin(nxt, stop_ids)
+        if (i + 1) % check_every == 0 and finished.all():
             break
-        h = model.encode(nxt[:, None], cache)
+        if i + 1 < max_new_tokens:
+            logits = next_logits(nxt)
     sync(device)
     tokens = torch.stack(out, 1)
-    is_stop = torch.isin(tokens, torch.tensor(eos_token_id, device=device))
+    is_stop = torch.isin(tokens, stop_ids)
+    # end where every row had stopped (checking now and then may have gone a few tokens further)
+    ended = (is_stop.cumsum(1) > 0).all(0)
+    if ended.any():
+        tokens, is_stop = tokens[:, :ended.int().argmax() + 1], is_stop[:, :ended.int().argmax() + 1]
     first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, tokens.shape[1])
-    return GenerationResult(tokens=tokens, steps=[], forwards=[len(out)] * B, new_tokens=first_stop.tolist(),
+    return GenerationResult(tokens=tokens, steps=[], forwards=[tokens.shape[1]] * B, new_tokens=first_stop.tolist(),
                             seconds=time.perf_counter() - t0, prefill_seconds=prefill)
+
+
+# -----------------------------------------------------------------------------
+# The fast path (GPU): a static KV cache, CUDA graphs, no host synchronisation
+
+class FastPath:
+    """Runs the passes of generate / generate_ar the fast way, for one batch size, up to `capacity` tokens:
+      * the experts as grouped GEMMs (Experts.forward_grouped); masks and positions are device tensors,
+        so a denoising step never waits for the host;
+      * a StaticKVCache, so a pass over a fixed number of tokens (denoise a canvas, commit a block, one
+        autoregressive token) has fixed shapes and addresses: on CUDA each is recorded once as a CUDA
+        graph and replayed, with no Python and no launch overhead (a pass is ~2,000 kernels, which take
+        longer to launch one by one than to run). The prompt's prefill runs eagerly, prefill_chunk
+        tokens at a time;
+      * the 262k-vocabulary head and self-conditioning product vocab_chunk rows at a time, the sampler
+        sampler_rows positions at a time: fp32 temporaries stay a few [chunk or rows, V].
+    The modules and the math are the plain path's; tests check that both give the same tokens. Build it
+    once the model has its final device and dtype: the recorded graphs hold the weights' addresses.
+    compile_sampler (CUDA): fuse the sampler's elementwise passes over the logits with torch.compile
+    (same random draws; roundings may differ in the last bit). timing: time every pass with CUDA events."""
+
+    def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=2048, vocab_chunk=32768,
+                 sampler_rows=None, compile_sampler=False, timing=False):
+        cfg, w = model.cfg, model.embed_tokens.weight
+        self.model, self.device, self.dtype = model, w.device, w.dtype
+        model.set_experts_impl("grouped")
+        cuda = self.device.type == "cuda"
+        self.cache = StaticKVCache(cfg, batch_size, -(-capacity // 64) * 64, self.device, self.dtype)
+        self.graphs, self.recorded = graphs and cuda, {}
+        self.prefill_chunk, self.vocab_chunk, self.sampler_rows = prefill_chunk, vocab_chunk, sampler_rows
+        self.sampler = torch.compile(sampler_math, dynamic=False) if compile_sampler and cuda else sampler_math
+        self.timing, self.events = timing and cuda, defaultdict(list)
+        # the inputs of the recorded passes: copied in before each replay
+        B, C, dev = batch_size, cfg.canvas_length, self.device
+        self.canvas = torch.zeros(B, C, dtype=torch.long, device=dev)
+        self.sc = torch.zeros(B, C, cfg.vocab_size, dtype=self.dtype, device=dev)  # finite even before use
+        self.sc_on = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.block = torch.zeros(B, C, dtype=torch.long, device=dev)
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.real = torch.ones(B, C, dtype=torch.bool, device=dev)  # generated tokens are never padding
+
+    def start(self, batch_size, length):
+        """Before a generation of `length` tokens (prompt and new ones): checks the sizes, empties the cache."""
+        self.model.set_experts_impl("grouped")
+        if batch_size != self.cache.batch_size:
+            raise DiffusionGemmaError(f"this FastPath was built for batch size {self.cache.batch_size}, "
+                                      f"not {batch_size}")
+        if length > self.cache.capacity:
+            raise DiffusionGemmaError(f"{length} tokens do not fit this FastPath's cache of {self.cache.capacity}; "
+                                      f"build it with a larger capacity")
+        self.cache.reset()
+
+    def prefill(self, ids, valid):
+        """The encoder over the prompt, eagerly. Returns the last chunk's final hidden states."""
+        with self._timed("prefill"):
+            for a in range(0, ids.shape[1], self.prefill_chunk):
+                h = self.model.encode(ids[:, a:a + self.prefill_chunk], self.cache, valid[:, a:a + self.prefill_chunk])
+        return h
+
+    def denoise(self, canvas, sc_logits):
+        """model.denoise(canvas, cache, sc_logits) as a recorded pass. Its output is overwritten by the next call."""
+        self.canvas.copy_(canvas)
+        self.sc_on.fill_(sc_logits is not None)  # on the first step the buffer's signal is multiplied by 0
+        if sc_logits is not None:
+            self.sc.copy_(sc_logits)
+        return self._run("denoise", lambda: self.model.denoise(self.canvas, self.cache, self.sc, self.sc_on,
+                                                               self.vocab_chunk))
+
+    def commit(self, tokens):
+        """model.encode(tokens, cache) of a finished block [B, C]."""
+        self.block.copy_(tokens)
+        self._run("commit", lambda: self.model.encode(self.block, self.cache, self.real, advance=False))
+        self.cache.advance(self.real)
+
+    def ar_step(self, token):
+        """One autoregressive token [B] -> the next token's logits [B, V] (overwritten by the next call)."""
+        self.token.copy_(token[:, None])
+        logits = self._run("ar", lambda: self.model.head(
+            self.model.encode(self.token, self.cache, self.real[:, :1], advance=False)[:, -1]))
+        self.cache.advance(self.real[:, :1])
+        return logits
+
+    def sample(self, logits, t, generator, sc_dtype):
+        """sample_logits with this path's row chunk and sampler."""
+        if self.sampler is not sampler_math:
+            t = torch.full((), t, device=logits.device)  # a tensor: compiled code is specialised on numbers
+        return sample_logits(logits, t, generator, sc_dtype, self.sampler_rows, self.sampler)
+
+    def _run(self, name, fn):
+        """fn(), which reads only the input buffers and the cache: on CUDA, recorded as a graph at its first
+        call and replayed from then on."""
+        with self._timed(name):
+            if not self.graphs:
+                return fn()
+            if name not in self.recorded:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    fn()  # a warm-up run first: lazy initialisation (cuBLAS workspaces...) must not be recorded
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = fn()
+                self.recorded[name] = graph, out
+            graph, out = self.recorded[name]
+            graph.replay()
+            return out
+
+    @contextlib.contextmanager
+    def _timed(self, name):
+        if not self.timing:
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.events[name].append((start, end))
+
+    def timings(self):
+        """{pass: [milliseconds of each call since the last timings()]} (waits for the GPU)."""
+        torch.cuda.synchronize()
+        out = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in self.events.items()}
+        self.events.clear()
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -1069,6 +1375,15 @@ class Tokenizer:
             raise DiffusionGemmaError(f"cannot read tokenizer {path!r} ({e}); it must be a tokenizers tokenizer.json")
         self.special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
         self.bos_id = self.tok.token_to_id("<bos>")
+
+    @classmethod
+    def from_json(cls, text: str):
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            f.write(text)
+        try:
+            return cls(f.name)
+        finally:
+            os.remove(f.name)
 
     @classmethod
     def from_pretrained(cls, folder):

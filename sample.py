@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--confidence-threshold", type=float,
                    help="stop a block when its argmax is stable and mean entropy is below this; 0 turns "
                         "adaptive stopping off (default 0.005)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the one generator behind every random draw")
+    p.add_argument("--seed", type=int, default=1, help="seed of the one generator behind every random draw")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="generate for N copies of the prompt at once")
@@ -45,6 +45,13 @@ def parse_args(argv=None):
                    help="build a random model of --config directly on the device (no checkpoint, no tokenizer)")
     p.add_argument("--config", default="26b-a4b", help=f"preset for --random-weights: {', '.join(dg.PRESETS)}")
     p.add_argument("--prompt-len", type=int, default=128, help="random prompt length for --random-weights")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fast path: static KV cache, grouped experts, CUDA graphs (default: on with CUDA)")
+    p.add_argument("--compile-sampler", action="store_true", help="fast path: fuse the sampler with torch.compile")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time --repeat runs after a warm-up: median ms per pass (prefill, denoise, commit, or one AR "
+                        "token), tok/s, peak memory, and the weights streamed per pass against the card's copy bandwidth")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs of --benchmark")
     return p.parse_args(argv)
 
 
@@ -60,16 +67,80 @@ def random_model(preset, device, dtype, seed):
     return model.eval()
 
 
-def weight_bytes_per_pass(model, tokens):
+def weight_bytes_per_pass(model, tokens, head=True):
     """Bytes of weights one forward over `tokens` tokens must read: everything but the experts, plus
-    the experts that are expected to be hit under uniform routing, E * (1 - (1 - k/E)^tokens) per layer."""
+    the experts that are expected to be hit under uniform routing, E * (1 - (1 - k/E)^tokens) per layer.
+    The embedding rows looked up are few, but the tied head (head=True: denoise, AR) reads the whole matrix;
+    an encoder pass with no head (prefill, commit) does not."""
     cfg = model.cfg
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
     E, k = cfg.num_experts, cfg.top_k_experts
     hit = E * (1 - (1 - k / E) ** tokens)
-    # the embedding rows read are few, but the tied head reads the whole matrix on every pass
-    return total - expert_bytes + expert_bytes * hit / E
+    embedding = 0 if head else model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total - expert_bytes + expert_bytes * hit / E - embedding
+
+
+def copy_bandwidth(device, nbytes=2 ** 30, repeat=20):
+    """The card's device-to-device copy bandwidth in bytes/s, counting bytes read and written (median of
+    `repeat` copies of a random 1 GiB buffer): the rate at which a pass can stream its weights at best."""
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / sorted(times)[len(times) // 2]
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def benchmark(args, model, run, fast, device):
+    """Times `run` (one generate / generate_ar call) --repeat times after a warm-up that records the CUDA
+    graphs, and prints a table: median ms per pass, its weight bytes and the floor (those bytes at the
+    card's copy bandwidth), then tok/s and peak memory."""
+    cfg, B = model.cfg, args.batch
+    run()  # warm-up: records the graphs
+    fast.timings()
+    torch.cuda.reset_peak_memory_stats()
+    results = [run() for _ in range(args.repeat)]
+    times = fast.timings()
+    peak, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+    bw = copy_bandwidth(device)
+    T = args.prompt_len
+    passes = {"prefill": (T, False), "denoise": (B * cfg.canvas_length, True),
+              "commit": (B * cfg.canvas_length, False), "ar": (B, True)}
+    print(f"benchmark: {torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | "
+          f"weights {weight_bytes_per_pass(model, 10**9) / 1e9:.1f} GB | batch {B} | prompt {T} | "
+          f"fast path {'with CUDA graphs' if fast.graphs else 'without graphs'}")
+    print(f"{'pass':8} {'calls':>6} {'median ms':>10} {'weights GB':>11} {'floor ms':>9} {'of copy bw':>11}")
+    for name, ms in times.items():
+        tokens, head = passes[name]
+        gb = weight_bytes_per_pass(model, tokens, head) / 1e9
+        floor = gb * 1e9 / bw * 1e3
+        print(f"{name:8} {len(ms):6d} {median(ms):10.2f} {gb:11.2f} {floor:9.2f} {floor / median(ms):10.0%}")
+    res = results[len(results) // 2]
+    tps = median([r.tokens_per_second for r in results])
+    decode = median([sum(r.new_tokens) / (r.seconds - r.prefill_seconds) for r in results])
+    line = [f"{sum(res.new_tokens)} new tokens", f"{tps:.1f} tok/s end to end (median of {args.repeat})",
+            f"{decode:.1f} tok/s after the prefill"]
+    if args.mode == "diffusion":
+        n_steps = sum(res.steps)
+        passes_ms = median(times["denoise"]) * n_steps + median(times.get("commit", [0])) * (len(res.steps) - 1)
+        wall_ms = (res.seconds - res.prefill_seconds) * 1e3
+        line += [f"steps/block {res.steps}",
+                 f"sampler and the rest {(wall_ms - passes_ms) / n_steps:.2f} ms/step"]
+    print(" | ".join(line))
+    print(f"peak memory {peak:.1f} GiB allocated, {reserved:.1f} GiB reserved")
 
 
 class CanvasView:
@@ -117,9 +188,10 @@ def main(argv=None):
         render = lambda t: " ".join(map(str, t[:48])) + " ..."  # noqa: E731
     elif sudoku is not None:
         tok = dg.Tokenizer.from_pretrained(ckpt)
+        fmt = sudoku.read_meta(ckpt)["format"]
         puzzle = sudoku.parse_puzzle(prompt_text or sudoku.EXAMPLE_PUZZLE)
-        ids = sudoku.prompt_ids(tok, puzzle)
-        render = lambda t: sudoku.format_grid(sudoku.read_answer(tok.decode(t)), puzzle)  # noqa: E731
+        ids = sudoku.prompt_ids(tok, puzzle, fmt)
+        render = lambda t: sudoku.format_grid(sudoku.board(tok, t, fmt), puzzle)  # noqa: E731
     else:
         tok = dg.Tokenizer.from_pretrained(ckpt)
         ids = tok.encode_prompt(prompt_text or "", chat=args.chat)
@@ -129,19 +201,31 @@ def main(argv=None):
                                      f"{cfg.max_position_embeddings}; shorten it")
     prompts = [ids] * args.batch
 
-    if args.mode == "ar":
-        res = dg.generate_ar(model, prompts, max_new_tokens=gen.max_new_tokens, eos_token_id=gen.eos_token_id,
-                             pad_token_id=gen.pad_token_id)
-    else:
+    fast = None
+    if args.fast if args.fast is not None else device.startswith("cuda"):
+        new = gen.max_new_tokens if args.mode == "ar" else -(-gen.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
+        fast = dg.FastPath(model, batch_size=args.batch, capacity=len(ids) + new, timing=args.benchmark,
+                           compile_sampler=args.compile_sampler)
+    if args.benchmark and (fast is None or not device.startswith("cuda")):
+        raise dg.DiffusionGemmaError("--benchmark times the fast path on a CUDA device; use --device cuda")
+
+    def run():
+        if args.mode == "ar":
+            return dg.generate_ar(model, prompts, max_new_tokens=gen.max_new_tokens, eos_token_id=gen.eos_token_id,
+                                  pad_token_id=gen.pad_token_id, fast=fast)
         on_step = CanvasView(render) if args.show else None
-        res = dg.generate(model, prompts, gen, generator=g, on_step=on_step)
+        return dg.generate(model, prompts, gen, generator=g, on_step=on_step, fast=fast)
+
+    if args.benchmark:
+        return benchmark(args, model, run, fast, device)
+    res = run()
 
     # the result, then one stats line
     row = res.tokens[0, :res.new_tokens[0]].tolist()
     if sudoku is not None:
         grid = sudoku.read_answer(tok.decode(row))
-        print(sudoku.format_grid(grid, puzzle))
-        print("solved" if grid and sudoku.is_valid_solution(grid, puzzle) else "not solved")
+        print(sudoku.format_grid(sudoku.board(tok, row, fmt), puzzle))
+        print("solved" if grid and sudoku.is_valid_solution(grid, puzzle) else "not solved: the grid breaks a rule")
     elif args.random_weights:
         print(f"generated {len(row)} random-model tokens: {row[:16]} ...")
     else:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import diffusiongemma as dg
+import train_sudoku as ts
 from diffusiongemma import Config, DiffusionGemma, DiffusionGemmaError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -508,6 +509,91 @@ def test_temperature_schedule():
     assert dg.temperature(47, 48, 0.4, 0.8) == pytest.approx(0.4 + 0.4 / 48)
 
 
+def test_sampler_draws_like_multinomial():
+    """sample_categorical / sample_logits draw exactly what torch.multinomial draws from the same generator
+    (the plain path's transformers parity depends on it), whatever the row chunk."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 300, generator=g) * 4
+    probs = torch.softmax(logits / 0.7, -1)
+    expected = torch.multinomial(probs.view(-1, 300), 1, generator=torch.Generator().manual_seed(9))[:, 0]
+    assert torch.equal(dg.sample_categorical(probs.view(-1, 300), torch.Generator().manual_seed(9)), expected)
+    for rows in (None, 4):
+        sample, argmax, ent, sc = dg.sample_logits(logits, 0.7, torch.Generator().manual_seed(9), torch.float32, rows)
+        assert torch.equal(sample.flatten(), expected)
+        assert torch.equal(argmax, logits.argmax(-1)) and torch.equal(ent, dg.entropy(logits / 0.7))
+        assert torch.equal(sc, logits / 0.7)
+
+
+def fast_path(model, batch_size, capacity=128):
+    """A FastPath with every chunk small, so each chunked loop runs several times (and ends ragged)."""
+    return dg.FastPath(model, batch_size=batch_size, capacity=capacity, prefill_chunk=7, vocab_chunk=100,
+                       sampler_rows=5)
+
+
+@pytest.mark.parametrize("mode", ["band", "anchored"])
+def test_fast_path_logits_match_plain(tiny_ckpt, mode):
+    """The static cache (sliding layers in a ring), chunked prefill, chunked head and self-conditioning
+    give the plain path's logits: after the prefill of a left-padded batch longer than the window, with
+    and without self-conditioning, and after a commit."""
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window_mode=mode)
+    g = torch.Generator().manual_seed(5)
+    ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]], 0, "cpu")
+    canvas, block = torch.randint(0, 512, (2, 16), generator=g), torch.randint(3, 500, (2, 16), generator=g)
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        model.encode(ids, cache, valid)
+        l1 = model.denoise(canvas, cache)
+        l2 = model.denoise(canvas, cache, l1 / 0.7)
+        model.encode(block, cache)
+        l3 = model.denoise(canvas, cache, l1 / 0.7)
+        fast = fast_path(model, 2)
+        fast.start(2, ids.shape[1] + 32)
+        fast.prefill(ids, valid)
+        assert rel_err(fast.denoise(canvas, None), l1) < 1e-5
+        assert rel_err(fast.denoise(canvas, l1 / 0.7), l2) < 1e-5
+        fast.commit(block)
+        assert fast.cache.host_length == cache.length == ids.shape[1] + 16
+        assert rel_err(fast.denoise(canvas, l1 / 0.7), l3) < 1e-5
+
+
+@pytest.mark.parametrize("settings", [
+    dict(max_new_tokens=48, max_denoising_steps=5, confidence_threshold=0),  # fixed steps: no host syncs
+    dict(max_new_tokens=48, max_denoising_steps=8, entropy_bound=2.0, confidence_threshold=6.2, stability_threshold=0),
+    dict(max_new_tokens=40, max_denoising_steps=4),
+])
+def test_fast_path_generates_the_plain_tokens(gentle_ckpt, settings):
+    """generate and generate_ar give the same tokens on the fast path as on the plain one: a left-padded
+    batch, a prompt beyond the sliding window, three blocks (two commits), adaptive stopping on and off."""
+    model = DiffusionGemma.from_pretrained(gentle_ckpt)
+    prompts = [[2] + list(range(20, 39)), [2, 7, 8, 9]]
+    gen = GenerationConfig(**settings)
+    fast = fast_path(model, 2)
+    for seed in (3, 4):
+        plain = generate(model.set_experts_impl("loop"), prompts, gen, generator=torch.Generator().manual_seed(seed))
+        quick = generate(model, prompts, gen, generator=torch.Generator().manual_seed(seed), fast=fast)
+        assert torch.equal(plain.tokens, quick.tokens), seed
+        assert plain.steps == quick.steps and plain.forwards == quick.forwards
+    plain = generate_ar(model.set_experts_impl("loop"), prompts, max_new_tokens=20, eos_token_id=[9999])
+    quick = generate_ar(model, prompts, max_new_tokens=20, eos_token_id=[9999], fast=fast)
+    assert torch.equal(plain.tokens, quick.tokens)
+    # every row stops early: the fast loop asks only every 16 tokens, and cuts what it made after
+    stops = [plain.tokens[0, 3].item(), plain.tokens[1, 5].item()]
+    plain = generate_ar(model.set_experts_impl("loop"), prompts, max_new_tokens=20, eos_token_id=stops)
+    quick = generate_ar(model, prompts, max_new_tokens=20, eos_token_id=stops, fast=fast)
+    assert plain.tokens.shape[1] <= 6
+    assert torch.equal(plain.tokens, quick.tokens) and plain.new_tokens == quick.new_tokens
+    assert plain.forwards == quick.forwards
+
+
+def test_fast_path_checks_its_sizes(tiny_ckpt):
+    model = DiffusionGemma.from_pretrained(tiny_ckpt)
+    fast = fast_path(model, 1, capacity=64)
+    with pytest.raises(DiffusionGemmaError, match="batch size 1, not 2"):
+        generate(model, [[2, 3], [2, 4]], GenerationConfig(max_new_tokens=16), fast=fast)
+    with pytest.raises(DiffusionGemmaError, match="do not fit"):
+        generate(model, [[2] * 40], GenerationConfig(max_new_tokens=32), fast=fast)
+
+
 # -----------------------------------------------------------------------------
 # Tokenizer and sample.py
 
@@ -575,3 +661,344 @@ def test_sample_py_bad_input(text_ckpt, args, message):
 def test_sample_py_missing_checkpoint(tmp_path):
     r = run_sample("--checkpoint", str(tmp_path / "none"), "--prompt", "hi", "--device", "cpu")
     assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# Sudoku data: generation, validation, solving, grading (train_sudoku.py)
+
+import numpy as np  # noqa: E402
+
+EASY = "003020600900305001001806400008102900700000008006708200002609500800203009005010300"
+HARD = "8..........36......7..9.2...5...7.......457.....1...3...1....68..85...1..9....4.."
+HARD_SOLUTION = "812753649943682175675491283154237896369845721287169534521974368438526917796318452"
+# needs locked candidates: singles stall, the ladder finishes it without guessing
+INTERMEDIATE = "562400001008010000000036020000900300005170008310804500000050100090300050150600040"
+GRID = "534678912672195348198342567859761423426853791713924856961537284287419635345286179"
+
+
+def _solution_count(puzzle):
+    return len(ts.solve(puzzle, limit=2)[0])
+
+
+def _check_rows(rows, clues):
+    for row in rows:
+        p, s = row["puzzle"], row["solution"]
+        assert len(p) == 81 and set(p) <= set("0123456789")
+        assert ts.solve(p, limit=2)[0] == [s]            # exactly one solution, and it is the stored one
+        assert ts.is_valid_solution(s, p)
+        assert row["clues"] == sum(ch != "0" for ch in p)
+        if clues is not None:
+            assert row["clues"] == clues
+        assert row["grade"] == ts.grade(p)
+    assert len({row["puzzle"] for row in rows}) == len(rows)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def test_parse_accepts_dots_zeros_and_comments():
+    dots = EASY.replace("0", ".")
+    assert ts.parse_puzzle(EASY) == EASY
+    assert ts.parse_puzzle(dots) == EASY
+    assert ts.parse_puzzle(f"  {dots}   # from Project Euler 96\n") == EASY
+    assert ts.parse_puzzle(dots + "\tsolution follows 123") == EASY
+
+
+@pytest.mark.parametrize("line, message", [
+    (EASY[:80], "puzzle has 80 cells, expected 81"),
+    (EASY + "1", "puzzle has 82 cells, expected 81"),
+    ("", "puzzle has 0 cells, expected 81"),
+    (EASY[:11] + "x" + EASY[12:], "bad character 'x' at cell 12"),
+    (EASY[:5] + "-" + EASY[6:], "bad character '-' at cell 6"),
+    ("55" + "0" * 79, "contradictory clues: digit 5 twice in row 1"),
+    ("7" + "0" * 26 + "7" + "0" * 53, "contradictory clues: digit 7 twice in column 1"),
+    ("9" + "0" * 9 + "9" + "0" * 70, "contradictory clues: digit 9 twice in box 1"),
+    ("0" * 60 + "3" + "0" * 19 + "3", "contradictory clues: digit 3 twice in box 9"),
+])
+def test_parse_rejects_bad_input(line, message):
+    with pytest.raises(ValueError) as err:
+        ts.parse_puzzle(line)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def test_validator_accepts_a_valid_grid():
+    assert ts.is_valid_solution(GRID)
+    assert ts.is_valid_solution(GRID, GRID)
+    assert ts.is_valid_solution(GRID, "5" + "." * 80)
+    assert ts.is_valid_solution(HARD_SOLUTION, HARD)
+
+
+def test_validator_rejects_bad_grids():
+    swapped = GRID[1] + GRID[0] + GRID[2:]               # rows still fine, columns get repeats
+    assert not ts.is_valid_solution(swapped)
+    repeated = "1" + GRID[1:]                            # digit 1 twice in row 1
+    assert not ts.is_valid_solution(repeated)
+    shifted = "".join("123456789"[(r + c) % 9] for r in range(9) for c in range(9))  # rows/cols ok, boxes not
+    assert not ts.is_valid_solution(shifted)
+    assert not ts.is_valid_solution(GRID[:80])
+    assert not ts.is_valid_solution(GRID[:80] + "0")
+    assert not ts.is_valid_solution(GRID, "6" + "0" * 80)  # valid grid, but disagrees with a clue
+
+
+# ----------------------------------------------------------------------------- solver and grader
+
+def test_solve_hard_unique():
+    sols, guesses = ts.solve(HARD, limit=2)
+    assert sols == [HARD_SOLUTION]
+    assert guesses > 0
+
+
+def test_solve_counts_multiple_and_zero_solutions():
+    two = GRID.replace("1", "0").replace("2", "0")       # 1s and 2s can be swapped everywhere
+    sols, _ = ts.solve(two, limit=2)
+    assert len(sols) == 2 and GRID in sols and all(ts.is_valid_solution(s, two) for s in sols)
+    assert len(ts.solve("0" * 81, limit=5)[0]) == 5
+    assert ts.solve("11" + "0" * 79)[0] == []            # contradictory clues: no solution
+    sols, guesses = ts.solve(EASY)
+    assert len(sols) == 1 and guesses == 0 and ts.is_valid_solution(sols[0], EASY)
+
+
+def test_batched_search_matches_scalar():
+    rng = np.random.default_rng(0)
+    grids = ts._random_grids(40, rng)
+    puzzles = []
+    for g, k in zip(grids, rng.integers(18, 40, len(grids))):  # some unique, many not
+        keep = rng.permutation(81)[:k]
+        puzzles.append("".join(str(g[i]) if i in keep else "0" for i in range(81)))
+    puzzles += ["11" + "0" * 79, EASY]
+    S = np.array([ts._cands(p) for p in puzzles], np.uint16)
+    for small in (0, len(puzzles)):                      # all numpy, all scalar tail
+        count, sols = ts._batch_search(S, 2, small=small)
+        for p, n, s in zip(puzzles, count, sols):
+            ref = ts.solve(p, limit=2)[0]
+            assert n == len(ref)
+            got = ["".join(map(str, row)) for row in s[:n]]
+            assert sorted(got) == sorted(ref)
+        assert 0 < (count == 1).sum() and (count == 2).sum() and (count == 0).sum()  # all three kinds
+
+
+def test_batched_search_hard_puzzle():
+    S = np.array([ts._cands(ts.parse_puzzle(HARD))] * 6, np.uint16)
+    count, sols = ts._batch_search(S, 2, small=5)
+    assert (count == 1).all()
+    assert all("".join(map(str, s[0])) == HARD_SOLUTION for s in sols)
+
+
+def test_grade_buckets():
+    assert ts.grade(EASY) == "singles"
+    assert ts.grade(HARD) == "hard"
+    c = ts._cands(INTERMEDIATE)
+    assert ts._propagate(c) and any(ts.POP[m] > 1 for m in c)   # singles alone stall
+    assert ts.grade(INTERMEDIATE) == "intermediate"
+    assert ts.grade(HARD_SOLUTION) == "singles"
+
+
+def test_random_grids_valid_and_distinct():
+    grids = ts._random_grids(64, np.random.default_rng(1))
+    strings = ["".join(map(str, g)) for g in grids]
+    assert all(ts.is_valid_solution(s) for s in strings)
+    assert len(set(strings)) == 64
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_generate_30_clues_unique():
+    rows = ts.generate_puzzles(60, 30, seed=0)
+    assert len(rows) == 60
+    _check_rows(rows, 30)
+
+
+@pytest.mark.parametrize("clues", [26, 45])
+def test_generate_clue_counts(clues):
+    rows = ts.generate_puzzles(20, clues, seed=1)
+    assert len(rows) == 20
+    _check_rows(rows, clues)
+
+
+def test_generate_minimal_puzzles_are_minimal():
+    rows = ts.generate_puzzles(8, None, seed=2)
+    _check_rows(rows, None)
+    for row in rows:
+        p = row["puzzle"]
+        assert row["clues"] <= 30
+        for i in range(81):
+            if p[i] != "0":                              # every clue is needed
+                assert _solution_count(p[:i] + "0" + p[i + 1:]) == 2
+
+
+def test_generate_deterministic_by_seed():
+    a = ts.generate_puzzles(30, 30, seed=7)
+    b = ts.generate_puzzles(30, 30, seed=7)
+    c = ts.generate_puzzles(30, 30, seed=8)
+    assert a == b
+    assert {r["puzzle"] for r in a}.isdisjoint(r["puzzle"] for r in c)
+
+
+def test_generate_rejects_bad_clue_count():
+    with pytest.raises(ValueError, match="out of range"):
+        ts.generate_puzzles(1, 16, seed=0)
+
+
+def test_generate_dataset_mix():
+    rows = ts.generate_dataset(40, clue_range=(28, 36), minimal_frac=0.25, seed=0)
+    assert len(rows) == 40
+    assert len({r["puzzle"] for r in rows}) == 40
+    assert all(28 <= r["clues"] <= 36 or r["clues"] < 28 for r in rows)
+    assert sum(r["clues"] < 28 for r in rows) >= 5                  # the minimal share is there
+    assert len({r["clues"] for r in rows}) >= 5                      # a spread of clue counts
+    assert rows == ts.generate_dataset(40, clue_range=(28, 36), minimal_frac=0.25, seed=0)
+    for r in rows[:10]:
+        assert ts.solve(r["puzzle"])[0] == [r["solution"]]
+
+
+# ----------------------------------------------------------------------------- split and cache
+
+def test_split_by_solution_no_overlap():
+    rng = np.random.default_rng(0)
+    grids = ["".join(map(str, g)) for g in ts._random_grids(100, rng)]
+    rows = [{"puzzle": f"p{k}-{g}", "solution": g} for g in grids for k in range(3)]  # 3 puzzles per grid
+    train, val, test = ts.split_by_solution(rows, fractions=(0.5, 0.25, 0.25), seed=0)
+    assert len(train) + len(val) + len(test) == len(rows)
+    assert train and val and test
+    sols = [{r["solution"] for r in part} for part in (train, val, test)]
+    assert not (sols[0] & sols[1]) and not (sols[0] & sols[2]) and not (sols[1] & sols[2])
+    assert (train, val, test) == ts.split_by_solution(rows, fractions=(0.5, 0.25, 0.25), seed=0)
+    train2, _, _ = ts.split_by_solution(rows, fractions=(0.5, 0.25, 0.25), seed=1)
+    assert train2 != train                               # seed changes the assignment
+    with pytest.raises(ValueError):
+        ts.split_by_solution(rows, fractions=(0.5, 0.25))
+
+
+@pytest.mark.parametrize("name", ["puzzles.jsonl", "puzzles.jsonl.gz"])
+def test_save_load_roundtrip(tmp_path, name):
+    rows = ts.generate_puzzles(10, 35, seed=0)
+    path = str(tmp_path / "cache" / name)
+    ts.save_puzzles(path, rows)
+    assert ts.load_puzzles(path) == rows
+    ts.save_puzzles(path, rows[:3])                      # overwrite in place
+    assert ts.load_puzzles(path) == rows[:3]
+    assert os.listdir(tmp_path / "cache") == [name]      # no temp file left behind
+    with pytest.raises(TypeError):                       # a write that fails halfway...
+        ts.save_puzzles(path, rows[:3] + [{"bad": {1, 2}}])
+    assert ts.load_puzzles(path) == rows[:3]             # ...leaves the old file intact
+    assert os.listdir(tmp_path / "cache") == [name]
+
+
+def test_bench_generator_runs():
+    assert ts.bench_generator(n=50, clues=30) > 0
+
+
+# -----------------------------------------------------------------------------
+# Sudoku training and evaluation (train_sudoku.py)
+
+def run_train_sudoku(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train_sudoku.py"), *args], capture_output=True,
+                          text=True, timeout=600, cwd=HERE)
+
+
+def test_augmentation_keeps_puzzles_valid():
+    rows = ts.generate_puzzles(16, 30, seed=3)
+    p, s = ts.to_tensor(rows, "puzzle"), ts.to_tensor(rows, "solution")
+    g = torch.Generator().manual_seed(0)
+    pa, sa = ts.augment(p, s, g)
+    assert not torch.equal(pa, p)
+    for a, b in zip(pa, sa):
+        puzzle, grid = "".join(map(str, a.tolist())), "".join(map(str, b.tolist()))
+        assert ts.is_valid_solution(grid, puzzle) and ts.solve(puzzle)[0] == [grid]
+
+
+def test_corruption_rate_follows_t():
+    target = torch.full((4000, 81), 7)
+    g = torch.Generator().manual_seed(0)
+    noisy, t = ts.corrupt(target, 16, g)
+    changed = (noisy != target).float().mean(1)
+    # a replaced token is a uniform draw over 16 ids, so it stays 7 with probability 1/16
+    assert torch.allclose(changed.mean(), (t * 15 / 16).mean(), atol=0.01)
+    slope = ((changed - changed.mean()) * (t - t.mean())).sum() / ((t - t.mean()) ** 2).sum()
+    assert abs(slope.item() - 15 / 16) < 0.05
+    assert t.min() >= 1e-3 and t.max() <= 1
+
+
+def test_format_and_read_answer():
+    assert ts.read_answer("x" + GRID + "\n") == GRID
+    assert ts.read_answer(GRID[:80]) is None
+    grid = ts.format_grid(GRID, EASY)
+    assert grid.count("\n") == 10 and "------+-------+------" in grid
+    tok = dg.Tokenizer.from_json(ts.compact_tokenizer_json())
+    ids = ts.prompt_ids(tok, EASY)
+    assert len(ids) == 83 and ids[0] == tok.bos_id and tok.decode(ids[1:-1]) == EASY
+    assert tok.decode(ts.answer_ids(tok, GRID)) == GRID
+
+
+@pytest.fixture(scope="module")
+def sudoku_run(tmp_path_factory):
+    """A short CPU training run of a tiny Sudoku model, saved every 4 steps."""
+    root = tmp_path_factory.mktemp("sudoku")
+    args = ["--steps", "8", "--batch-size", "8", "--train-puzzles", "300", "--data-dir", str(root / "data"),
+            "--eval-every", "8", "--eval-puzzles", "4", "--log-every", "2", "--save-every", "4",
+            "--warmup", "2", "--lr", "3e-3", "--device", "cpu", "--workers", "1"]
+    full = run_train_sudoku(*args, "--out", str(root / "full"))
+    assert full.returncode == 0, full.stderr
+    return root, full.stdout
+
+
+def test_training_lowers_the_loss(sudoku_run):
+    _, log = sudoku_run
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines() if "| loss " in line]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert "ETA" in log and "tok/s" in log and "eval:" in log
+
+
+def test_checkpoint_reloads_and_resumes_exactly(sudoku_run):
+    root, _ = sudoku_run
+    full = DiffusionGemma.from_pretrained(str(root / "full"))
+    # an 8-step run stopped after 4 steps (as Ctrl-C would), then resumed, equals the uninterrupted run
+    args = ["--steps", "8", "--batch-size", "8", "--train-puzzles", "300", "--data-dir", str(root / "data"),
+            "--eval-every", "0", "--log-every", "2", "--save-every", "4", "--warmup", "2", "--lr", "3e-3",
+            "--device", "cpu", "--workers", "1"]
+    state = torch.load(root / "full" / "train_state.pt", weights_only=False)
+    assert state["step"] == 8
+    r = run_train_sudoku(*args, "--out", str(root / "stopped"), "--stop-after", "4")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(root / "stopped" / "train_state.pt", weights_only=False)["step"] == 4
+    r = run_train_sudoku("--resume", str(root / "stopped"), "--out", str(root / "resumed"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    resumed = DiffusionGemma.from_pretrained(str(root / "resumed"))
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+    # and the checkpoint is a Hugging Face one with the sampler's files
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "sudoku.json"):
+        assert os.path.isfile(root / "full" / f), f
+
+
+def test_eval_only_and_sample_py_on_the_trained_checkpoint(sudoku_run, tmp_path):
+    root, _ = sudoku_run
+    puzzles = tmp_path / "p.txt"
+    puzzles.write_text(EASY.replace("0", ".") + "  # a comment\n\n" + HARD + "\n")
+    out = tmp_path / "r.jsonl"
+    r = run_train_sudoku("--eval-only", "--checkpoint", str(root / "full"), "--puzzles", str(puzzles),
+                         "--out", str(out), "--device", "cpu", "--max-steps", "4")
+    assert r.returncode == 0, r.stderr
+    assert "95% interval" in r.stdout and "grade singles" in r.stdout and "clues preserved" in r.stdout
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["puzzle"] for x in recs] == [EASY, HARD.replace(".", "0")]
+    assert all(set(x) >= {"puzzle", "output", "steps"} and 1 <= x["steps"] <= 4 for x in recs)
+    s = run_sample("--checkpoint", str(root / "full"), "--prompt", EASY, "--device", "cpu", "--steps", "3")
+    assert s.returncode == 0, s.stderr
+    assert "------+-------+------" in s.stdout and "steps/block" in s.stdout
+
+
+@pytest.mark.parametrize("line,message", [
+    (EASY[:80], "line 1: puzzle has 80 cells"),
+    (EASY[:3] + "x" + EASY[4:], "bad character 'x'"),
+    ("55" + "0" * 79, "contradictory clues"),
+])
+def test_eval_only_rejects_malformed_puzzles(sudoku_run, tmp_path, line, message):
+    root, _ = sudoku_run
+    f = tmp_path / "bad.txt"
+    f.write_text(line + "\n")
+    r = run_train_sudoku("--eval-only", "--checkpoint", str(root / "full"), "--puzzles", str(f), "--device", "cpu")
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
