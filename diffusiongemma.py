@@ -9,6 +9,9 @@ One weight-tied Gemma 4 26B-A4B Mixture-of-Experts backbone runs in two modes:
 Generation is uniform-noise diffusion: the canvas starts as random vocabulary tokens (there is no
 mask token); each step samples every position, keeps the lowest-entropy ones under an entropy
 bound and re-noises the rest; the block's argmax is emitted and committed; the next block follows.
+The plain path (KVCache, an expert loop) is the readable reference, tested against transformers;
+FastPath runs the same modules with a static cache, grouped-GEMM experts and CUDA graphs, tested
+against the plain path.
 
 Quirks of the architecture that are easy to get wrong (all checked against transformers in tests):
   1. RMSNorm multiplies by `w`, not `1 + w` (Gemma 4, unlike Gemma 1-3); it runs in fp32 inside.
@@ -42,6 +45,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -283,10 +287,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.eps = cfg.rms_norm_eps
 
-    def forward(self, x, cos, sin, ctx_k, ctx_v, mask):
-        """x [B, T, H] (normed); ctx_k, ctx_v [B, kv_heads, S, D] cached context or None; mask [B, 1, G*T, S+T]
-        additive (0 or -inf), its T query rows repeated for the G = heads / kv_heads query heads that share
-        a KV head (see attention_bias). Returns the output [B, T, H] and this pass's own k, v [B, kv_heads, T, D]."""
+    def forward(self, x, cos, sin, keys_values, mask):
+        """x [B, T, H] (normed); keys_values(k, v) -> the keys and values to attend to [B, kv_heads, S+T, D]:
+        the cache's S, then this pass's own T (see KVCache.keys_values); mask [B, 1, G*T, S+T] additive
+        (0 or -inf), its T query rows repeated for the G = heads / kv_heads query heads that share a KV head
+        (see attention_bias). Returns the output [B, T, H] and this pass's own k, v [B, kv_heads, T, D]."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
         k_raw = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
@@ -294,16 +299,35 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)              # [B, heads, T, D]
         k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)          # [B, kv, T, D]
         v = rms_norm(v_raw, None, self.eps).transpose(1, 2)                   # weightless norm, no RoPE
-        k_all = k if ctx_k is None else torch.cat([ctx_k, k], dim=2)
-        v_all = v if ctx_v is None else torch.cat([ctx_v, v], dim=2)
+        k_all, v_all = keys_values(k, v)
         # grouped-query attention without copying K/V: the G query heads of one KV head become G*T query
         # rows of that head (SDPA's fused kernels take no enable_gqa, and the 512-wide heads fit only one)
         G = self.heads // self.kv_heads
-        q = q.reshape(B, self.kv_heads, G * T, self.head_dim)
-        # scale 1.0: q and k are already RMS-normalised per head
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=1.0)
-        y = y.view(B, self.heads, T, self.head_dim).transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
+        y = attend(q.reshape(B, self.kv_heads, G * T, self.head_dim), k_all, v_all, mask)  # [B, kv, G*T, D]
+        y = y.unflatten(2, (G, T)).permute(0, 3, 1, 2, 4).reshape(B, T, self.heads * self.head_dim)
         return self.o_proj(y), k, v
+
+
+BMM_FP32_OUT = "dtype" in torch.ops.aten.bmm.overloads()  # torch.bmm(..., out_dtype=) (CUDA, torch >= 2.8)
+
+
+def attend(q, k, v, bias):
+    """softmax(q k^T + bias) v per KV head, scale 1.0 (q and k are RMS-normalised per head):
+    q [B, kv, R, D] (R = G*T query rows), k, v [B, kv, S, D], bias [B, 1, R, S] -> [B, kv, R, D].
+    SDPA's fused kernels spread only query rows over the GPU: with the few rows of a denoising step, a
+    commit or an AR token they leave most of it idle (one AR query row: a handful of blocks walk all the
+    keys). There, outside autograd, explicit matmuls run instead, with fp32 scores like the fused kernels."""
+    B, kv, R, D = q.shape
+    S = k.shape[2]
+    if torch.is_grad_enabled() or B * kv * R * S > 2 ** 26:  # (beyond 64M scores: the fused kernels)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    if q.is_cuda and q.dtype != torch.float32 and BMM_FP32_OUT:
+        scores = torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)  # fp32 sums of the bf16 products
+    else:
+        scores = torch.bmm(q.float(), k.float().transpose(1, 2))
+    probs = torch.softmax(scores.view(B, kv, R, S).add_(bias), dim=-1).to(v.dtype)
+    return torch.bmm(probs.flatten(0, 1), v).view(B, kv, R, D)
 
 
 class MLP(nn.Module):
@@ -368,7 +392,7 @@ class Experts(nn.Module):
     def forward_grouped(self, x, weights, ids):
         N, k = ids.shape
         E = self.gate_up_proj.shape[0]
-        expert, order = ids.reshape(-1).sort(stable=True)            # the N*k (token, expert) pairs by expert
+        expert, order = ids.reshape(-1).sort()                       # the N*k (token, expert) pairs by expert
         token = order // k                                           # the token of each sorted pair
         # end row of each expert's group (searchsorted, unlike bincount, needs no host synchronisation)
         offsets = torch.searchsorted(expert, torch.arange(1, E + 1, device=ids.device)).to(torch.int32)
@@ -377,11 +401,12 @@ class Experts(nn.Module):
         xs = x[token].to(dt)                                         # [N*k, H]
         h = torch._grouped_mm(xs, self.gate_up_proj.to(dt).transpose(1, 2), offs=offsets)  # [N*k, 2I]
         gate, up = h.chunk(2, dim=-1)
-        y = torch._grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.to(dt).transpose(1, 2),
-                              offs=offsets)
-        # back to (token, slot) order, then each token's weighted sum over its k experts, in fp32
+        # the routing weight scales the expert's hidden state (down_proj is linear: the same as scaling its output)
+        act = (F.gelu(gate, approximate="tanh") * up * weights.reshape(-1)[order, None]).to(dt)
+        y = torch._grouped_mm(act, self.down_proj.to(dt).transpose(1, 2), offs=offsets)
+        # back to (token, slot) order, then each token's sum over its k experts, in fp32
         y = torch.zeros_like(y).index_copy(0, order, y).view(N, k, -1)
-        return (y * weights[..., None]).sum(1).to(x.dtype)
+        return y.sum(1, dtype=torch.float32).to(x.dtype)
 
 
 class Layer(nn.Module):
@@ -404,9 +429,9 @@ class Layer(nn.Module):
         self.layer_scalar = nn.Parameter(torch.ones(1))          # decoder copy
         self.encoder_layer_scalar = nn.Parameter(torch.ones(1))  # encoder copy (checkpoint: model.encoder....layer_scalar)
 
-    def forward(self, x, cos, sin, ctx_k, ctx_v, mask, encoder: bool):
+    def forward(self, x, cos, sin, keys_values, mask, encoder: bool):
         """x [B, T, H] -> [B, T, H], plus this pass's k, v for the cache (see Attention.forward)."""
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, mask)
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, keys_values, mask)
         x = x + self.post_attention_layernorm(attn)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
@@ -453,9 +478,11 @@ class KVCache:
         """Positions [T] of the next T tokens."""
         return torch.arange(self.length, self.length + T, device=device)
 
-    def kv(self, layer):
-        """This layer's cached k, v [B, kv, S, D] (None before the first encode)."""
-        return self.k[layer], self.v[layer]
+    def keys_values(self, layer, k, v):
+        """What a pass with its own k, v [B, kv, T, D] attends to in this layer: the cached k, v, then its own."""
+        if self.k[layer] is None:
+            return k, v
+        return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
 
     def visible(self, kind, device):
         """Positions [S] and validity [B, S] of the cached tokens of a layer of this kind."""
@@ -481,8 +508,9 @@ class KVCache:
 class StaticKVCache:
     """The fast path's KV cache, allocated once, so that a pass over T tokens always has the same shapes and
     addresses (one CUDA graph of it serves every block). It keeps what KVCache keeps, behind masks:
-      * full layers: k, v [B, kv, capacity, D]; position p lives in slot p;
-      * sliding layers: a ring [B, kv, R, D] with R >= window - 1 + canvas; position p lives in slot p % R.
+      * full layers: S = capacity slots; position p lives in slot p;
+      * sliding layers: a ring of S >= window - 1 + canvas slots; position p lives in slot p % S;
+      * after the S slots, a tail of `canvas` slots where a pass puts its own keys/values (keys_values).
     Per slot, `pos` holds the position written there (EMPTY before any) and `valid` whether it is a real
     token; visible() turns them into what KVCache.visible() returns, as a mask over all the slots. The length
     is a device tensor that passes read and only advance() moves, so a recorded pass can be replayed."""
@@ -497,8 +525,9 @@ class StaticKVCache:
         for i, kind in enumerate(cfg.layer_types):
             D, kv = cfg.attn_shape(i)
             # zeros, not empty: a masked slot is multiplied by 0 and must not hold a NaN
-            self.k.append(torch.zeros(batch_size, kv, self.slots[kind], D, dtype=dtype, device=device))
-            self.v.append(torch.zeros(batch_size, kv, self.slots[kind], D, dtype=dtype, device=device))
+            S = self.slots[kind] + cfg.canvas_length
+            self.k.append(torch.zeros(batch_size, kv, S, D, dtype=dtype, device=device))
+            self.v.append(torch.zeros(batch_size, kv, S, D, dtype=dtype, device=device))
         self.pos = {kind: torch.full((S,), self.EMPTY, device=device) for kind, S in self.slots.items()}
         self.valid = {kind: torch.zeros(batch_size, S, dtype=torch.bool, device=device) for kind, S in self.slots.items()}
         self.length = torch.zeros((), dtype=torch.long, device=device)
@@ -514,8 +543,16 @@ class StaticKVCache:
     def positions(self, T, device):
         return self.length + torch.arange(T, device=device)
 
-    def kv(self, layer):
-        return self.k[layer], self.v[layer]
+    def keys_values(self, layer, k, v):
+        """The pass's own k, v go to the tail, so attention reads one buffer and nothing is concatenated
+        (a pass longer than the tail, a prefill chunk, concatenates)."""
+        S, T = self.slots[self.cfg.layer_types[layer]], k.shape[2]
+        K, V = self.k[layer], self.v[layer]
+        if T > K.shape[2] - S:
+            return torch.cat([K[:, :, :S], k], dim=2), torch.cat([V[:, :, :S], v], dim=2)
+        K[:, :, S:S + T] = k
+        V[:, :, S:S + T] = v
+        return K[:, :, :S + T], V[:, :, :S + T]
 
     def visible(self, kind, device):
         pos, valid = self.pos[kind], self.valid[kind]
@@ -636,7 +673,7 @@ class DiffusionGemma(nn.Module):
             masks[kind] = attention_bias(mask, cfg.num_attention_heads // kv_heads, x.dtype)
         for i, layer in enumerate(self.layers):
             kind = cfg.layer_types[i]
-            x, k, v = layer(x, *rope[kind], *cache.kv(i), masks[kind], encoder)
+            x, k, v = layer(x, *rope[kind], partial(cache.keys_values, i), masks[kind], encoder)
             if encoder:
                 cache.append(i, k, v, positions)
         return self.norm(x)
@@ -1315,6 +1352,11 @@ class FastPath:
         """sample_logits with this path's row chunk and sampler."""
         if self.sampler is not sampler_math:
             t = torch.full((), t, device=logits.device)  # a tensor: compiled code is specialised on numbers
+            try:
+                return sample_logits(logits, t, generator, sc_dtype, self.sampler_rows, self.sampler)
+            except Exception as e:  # noqa: BLE001 - torch.compile can fail in many ways; the eager sampler is right
+                print(f"warning: the compiled sampler failed ({type(e).__name__}); sampling eagerly")
+                self.sampler = sampler_math
         return sample_logits(logits, t, generator, sc_dtype, self.sampler_rows, self.sampler)
 
     def _run(self, name, fn):
@@ -1330,8 +1372,13 @@ class FastPath:
                     fn()  # a warm-up run first: lazy initialisation (cuBLAS workspaces...) must not be recorded
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = fn()
+                try:
+                    with torch.cuda.graph(graph):
+                        out = fn()
+                except RuntimeError as e:  # something in the pass cannot be recorded: run it eagerly
+                    print(f"warning: CUDA graph of the {name} pass failed ({str(e).splitlines()[0]}); running eagerly")
+                    self.graphs = False
+                    return fn()
                 self.recorded[name] = graph, out
             graph, out = self.recorded[name]
             graph.replay()

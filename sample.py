@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128, help="random prompt length for --random-weights")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
                    help="the fast path: static KV cache, grouped experts, CUDA graphs (default: on with CUDA)")
-    p.add_argument("--compile-sampler", action="store_true", help="fast path: fuse the sampler with torch.compile")
+    p.add_argument("--compile-sampler", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast path: fuse the sampler's passes over the logits with torch.compile (default: on with CUDA)")
     p.add_argument("--benchmark", action="store_true",
                    help="time --repeat runs after a warm-up: median ms per pass (prefill, denoise, commit, or one AR "
                         "token), tok/s, peak memory, and the weights streamed per pass against the card's copy bandwidth")
@@ -121,7 +122,8 @@ def benchmark(args, model, run, fast, device):
               "commit": (B * cfg.canvas_length, False), "ar": (B, True)}
     print(f"benchmark: {torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | "
           f"weights {weight_bytes_per_pass(model, 10**9) / 1e9:.1f} GB | batch {B} | prompt {T} | "
-          f"fast path {'with CUDA graphs' if fast.graphs else 'without graphs'}")
+          f"fast path {'with' if fast.graphs else 'without'} CUDA graphs, "
+          f"{'compiled' if fast.sampler is not dg.sampler_math else 'eager'} sampler")
     print(f"{'pass':8} {'calls':>6} {'median ms':>10} {'weights GB':>11} {'floor ms':>9} {'of copy bw':>11}")
     for name, ms in times.items():
         tokens, head = passes[name]
@@ -205,7 +207,7 @@ def main(argv=None):
     if args.fast if args.fast is not None else device.startswith("cuda"):
         new = gen.max_new_tokens if args.mode == "ar" else -(-gen.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
         fast = dg.FastPath(model, batch_size=args.batch, capacity=len(ids) + new, timing=args.benchmark,
-                           compile_sampler=args.compile_sampler)
+                           compile_sampler=args.compile_sampler is not False)
     if args.benchmark and (fast is None or not device.startswith("cuda")):
         raise dg.DiffusionGemmaError("--benchmark times the fast path on a CUDA device; use --device cuda")
 

@@ -1090,7 +1090,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="training: the checkpoint folder (default runs/sudoku); --eval-only: a JSONL "
                                  "file of per-puzzle results")
     p.add_argument("--export", help="also write the final model here in bf16, without optimizer state")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps")
     p.add_argument("--stop-after", type=int, help="save and stop after this many steps, as Ctrl-C would")
     p.add_argument("--time-budget", type=float, help="minutes: size --steps from the speed of the first 20 steps")
     p.add_argument("--batch-size", type=int, default=64, help="puzzles per step (over all GPUs)")
@@ -1107,7 +1107,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation solves (0: never)")
-    p.add_argument("--eval-puzzles", type=int, default=256, help="validation puzzles per evaluation")
+    p.add_argument("--eval-puzzles", type=int, default=128, help="validation puzzles per evaluation")
     p.add_argument("--eval-batch", type=int, default=256, help="puzzles solved together")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --puzzles and exit")
