@@ -568,13 +568,14 @@ def bench_generator(n: int = 2000, clues: int | None = 30, seed: int = 0) -> flo
     return n / dt
 
 
-def generate_many(jobs, workers=None):
-    """generate_puzzles for many (n, clues, seed) jobs over a pool of processes; duplicates dropped."""
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
-    chunks = [(n // workers + (i < n % workers), clues, seed * 1000 + i)
-              for n, clues, seed in jobs for i in range(workers) if n // workers + (i < n % workers) > 0]
+def generate_many(jobs, workers=None, chunk=1000):
+    """generate_puzzles for many (n, clues, seed) jobs over a pool of processes; duplicates dropped.
+    Each job is cut into fixed chunks of `chunk` puzzles with their own seeds, so the puzzles do not
+    depend on how many processes make them."""
+    chunks = [(min(chunk, n - a), clues, seed * 1000 + a // chunk) for n, clues, seed in jobs for a in range(0, n, chunk)]
+    workers = min(workers or os.cpu_count() or 1, len(chunks))
     if workers <= 1:
-        parts = [generate_puzzles(n, clues, seed=seed) for n, clues, seed in jobs]
+        parts = [generate_puzzles(*c) for c in chunks]
     else:
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(workers) as pool:
@@ -865,7 +866,7 @@ def train(args):
             raise dg.DiffusionGemmaError(f"{args.resume!r} has no train_state.pt; resume from a folder that "
                                          f"train_sudoku.py saved during training")
         state = torch.load(state_path, weights_only=False, map_location="cpu")
-        keep = {k: getattr(args, k) for k in ("out", "device", "resume", "stop_after", "export", "data_dir", "workers")}
+        keep = {k: getattr(args, k) for k in ("out", "device", "resume", "stop_after", "export", "workers")}
         vars(args).update({**state["args"], **keep})  # the run's own settings and schedule
         args.steps = state["total_steps"]
         model = dg.DiffusionGemma.from_pretrained(args.resume, device=device, dtype=torch.float32)
