@@ -1002,3 +1002,18 @@ def test_eval_only_rejects_malformed_puzzles(sudoku_run, tmp_path, line, message
     r = run_train_sudoku("--eval-only", "--checkpoint", str(root / "full"), "--puzzles", str(f), "--device", "cpu")
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fine_tune_from_a_hugging_face_checkpoint_uses_the_chat_format(text_ckpt, tmp_path):
+    """--init-from a (tiny) Hugging Face DiffusionGemma with its own tokenizer: Google's chat prompt."""
+    r = run_train_sudoku("--init-from", text_ckpt, "--steps", "2", "--batch-size", "4", "--train-puzzles", "300",
+                         "--data-dir", str(tmp_path / "data"), "--eval-every", "0", "--log-every", "1",
+                         "--warmup", "1", "--out", str(tmp_path / "ft"), "--device", "cpu", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(tmp_path / "ft" / "sudoku.json")) == {"format": "chat"}
+    tok = dg.Tokenizer.from_pretrained(text_ckpt)
+    prompt = tok.decode(ts.prompt_ids(tok, EASY, "chat"), strip_thoughts=False)
+    assert prompt.startswith("system\nSolve the following Sudoku puzzle.") and "0 0 3 0 2 0 6 0 0\n9 0 0" in prompt
+    # the fine-tuned weights moved away from the initial ones
+    a, b = DiffusionGemma.from_pretrained(text_ckpt), DiffusionGemma.from_pretrained(str(tmp_path / "ft"))
+    assert not torch.equal(a.layers[0].mlp.up_proj.weight, b.layers[0].mlp.up_proj.weight)

@@ -842,13 +842,15 @@ def setup_distributed(device_arg):
 
 
 def build_model(args, device):
-    """(model, tokenizer json, format): a fresh small preset, or a Hugging Face checkpoint to fine-tune."""
+    """(model, tokenizer json, format): a fresh small preset, or a Hugging Face checkpoint to fine-tune
+    (a Sudoku checkpoint keeps its own format, so a run can start from the bundled model)."""
     if args.init_from:
         model = dg.DiffusionGemma.from_pretrained(args.init_from, device=device, dtype=torch.float32)
         tok_path = os.path.join(args.init_from, "tokenizer.json")
         if not os.path.isfile(tok_path):
             raise dg.DiffusionGemmaError(f"{args.init_from!r} has no tokenizer.json; --init-from needs one")
-        return model, open(tok_path).read(), "chat"
+        is_sudoku = os.path.isfile(os.path.join(args.init_from, "sudoku.json"))
+        return model, open(tok_path).read(), read_meta(args.init_from)["format"] if is_sudoku else "chat"
     cfg = dg.Config.preset(args.preset)
     torch.manual_seed(args.seed)
     model = dg.DiffusionGemma(cfg).init_weights(std=0.02).to(device)
