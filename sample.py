@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--confidence-threshold", type=float,
                    help="stop a block when its argmax is stable and mean entropy is below this; 0 turns "
                         "adaptive stopping off (default 0.005)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the one generator behind every random draw")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one generator behind every random draw")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="generate for N copies of the prompt at once")
