@@ -44,7 +44,7 @@ import re
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 
 import torch
@@ -1129,7 +1129,7 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
     cfg, device = model.cfg, model.embed_tokens.weight.device
     ids, valid = (prompts, torch.ones_like(prompts, dtype=torch.bool)) if torch.is_tensor(prompts) \
         else left_pad(prompts, cfg.pad_token_id, device)
-    B, C, V = ids.shape[0], cfg.canvas_length, cfg.vocab_size
+    B, C = ids.shape[0], cfg.canvas_length
     n_blocks = math.ceil(gen.max_new_tokens / C)
     if ids.shape[1] + n_blocks * C > cfg.max_position_embeddings:
         raise DiffusionGemmaError(f"prompt of {ids.shape[1]} tokens + {n_blocks * C} new tokens exceeds the context "

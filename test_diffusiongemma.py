@@ -4,7 +4,6 @@ transformers (5.23.0) is the oracle for the parity tests; they skip with a reaso
 Tests marked `slow` are skipped unless RUN_SLOW=1."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from diffusiongemma import Config, DiffusionGemma, DiffusionGemmaError
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 try:
-    import transformers
     from transformers import DiffusionGemmaForBlockDiffusion, DiffusionGemmaConfig
     HAVE_HF = True
 except Exception:  # noqa: BLE001 - any import problem means "no oracle"

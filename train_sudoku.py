@@ -1072,7 +1072,7 @@ def eval_only(args):
                 records += [dict(puzzle=r["puzzle"], output=r["output"], steps=r["steps"], solved=r["solved"],
                                  grade=gr) for r, gr in zip(res["records"], grades)]
     if len(summary) > 1:
-        print(f"\n| puzzles | max steps | solved | 95% interval | mean steps |\n|---|---|---|---|---|")
+        print("\n| puzzles | max steps | solved | 95% interval | mean steps |\n|---|---|---|---|---|")
         for name, steps, k, n, lo, hi, mean in summary:
             print(f"| {name} | {steps} | {k}/{n} = {100 * k / n:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% | {mean:.1f} |")
     if args.out:
