@@ -1094,6 +1094,22 @@ def left_pad(prompts, pad_id, device):
     return ids.to(device), valid.to(device)
 
 
+def batch_prompts(prompts, cfg: Config, new_tokens: int, device):
+    """A LongTensor [B, T] or a list of token-id lists (left padded) -> ids, valid [B, T]; checks that
+    prompt + new_tokens fits the context."""
+    ids, valid = (prompts, torch.ones_like(prompts, dtype=torch.bool)) if torch.is_tensor(prompts) \
+        else left_pad(prompts, cfg.pad_token_id, device)
+    if ids.shape[1] + new_tokens > cfg.max_position_embeddings:
+        raise DiffusionGemmaError(f"prompt of {ids.shape[1]} tokens + {new_tokens} new tokens exceeds the context "
+                                  f"of {cfg.max_position_embeddings}; shorten the prompt or lower max_new_tokens")
+    return ids, valid
+
+
+def tokens_until_stop(is_stop):
+    """is_stop [B, N] -> per row, the tokens up to and including the first stop token (all when none)."""
+    return torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, is_stop.shape[1]).tolist()
+
+
 @dataclass
 class GenerationResult:
     tokens: torch.Tensor        # [B, new] generated ids, pad after the first stop token
@@ -1127,13 +1143,10 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
     fast: a FastPath to run the passes on (static cache, CUDA graphs); None runs the plain path."""
     gen = gen or GenerationConfig()
     cfg, device = model.cfg, model.embed_tokens.weight.device
-    ids, valid = (prompts, torch.ones_like(prompts, dtype=torch.bool)) if torch.is_tensor(prompts) \
-        else left_pad(prompts, cfg.pad_token_id, device)
-    B, C = ids.shape[0], cfg.canvas_length
+    C = cfg.canvas_length
     n_blocks = math.ceil(gen.max_new_tokens / C)
-    if ids.shape[1] + n_blocks * C > cfg.max_position_embeddings:
-        raise DiffusionGemmaError(f"prompt of {ids.shape[1]} tokens + {n_blocks * C} new tokens exceeds the context "
-                                  f"of {cfg.max_position_embeddings}; shorten the prompt or lower max_new_tokens")
+    ids, valid = batch_prompts(prompts, cfg, n_blocks * C, device)
+    B = ids.shape[0]
     sync(device)
     t0 = time.perf_counter()
     if fast is None:
@@ -1165,10 +1178,8 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
             break
     sync(device)
     tokens = torch.cat(out, dim=1)
-    is_stop = torch.isin(tokens, stop_ids)
-    # tokens up to and including the first stop token (all of them when there is none)
-    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, tokens.shape[1])
-    return GenerationResult(tokens=tokens, steps=steps, forwards=forwards.tolist(), new_tokens=first_stop.tolist(),
+    return GenerationResult(tokens=tokens, steps=steps, forwards=forwards.tolist(),
+                            new_tokens=tokens_until_stop(torch.isin(tokens, stop_ids)),
                             seconds=time.perf_counter() - t0, prefill_seconds=prefill)
 
 
@@ -1221,11 +1232,7 @@ def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id
     tied head, softcap) and the KV cache, one token per forward. Greedy unless temperature > 0.
     fast: a FastPath to run the passes on; None runs the plain path."""
     cfg, device = model.cfg, model.embed_tokens.weight.device
-    ids, valid = (prompts, torch.ones_like(prompts, dtype=torch.bool)) if torch.is_tensor(prompts) \
-        else left_pad(prompts, cfg.pad_token_id, device)
-    if ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
-        raise DiffusionGemmaError(f"prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens exceeds the "
-                                  f"context of {cfg.max_position_embeddings}")
+    ids, valid = batch_prompts(prompts, cfg, max_new_tokens, device)
     B = ids.shape[0]
     sync(device)
     t0 = time.perf_counter()
@@ -1263,8 +1270,8 @@ def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id
     ended = (is_stop.cumsum(1) > 0).all(0)
     if ended.any():
         tokens, is_stop = tokens[:, :ended.int().argmax() + 1], is_stop[:, :ended.int().argmax() + 1]
-    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, tokens.shape[1])
-    return GenerationResult(tokens=tokens, steps=[], forwards=[tokens.shape[1]] * B, new_tokens=first_stop.tolist(),
+    return GenerationResult(tokens=tokens, steps=[], forwards=[tokens.shape[1]] * B,
+                            new_tokens=tokens_until_stop(is_stop),
                             seconds=time.perf_counter() - t0, prefill_seconds=prefill)
 
 

@@ -502,6 +502,16 @@ def test_generation_settings_are_validated():
         GenerationConfig(t_min=0.9, t_max=0.8)
 
 
+def test_prompt_longer_than_the_context_is_refused(tiny_ckpt):
+    model = DiffusionGemma.from_pretrained(tiny_ckpt)
+    with pytest.raises(DiffusionGemmaError, match="exceeds the context of 1024"):
+        generate(model, [[2] * 1010], GenerationConfig(max_new_tokens=16))
+    with pytest.raises(DiffusionGemmaError, match="exceeds the context of 1024"):
+        generate_ar(model, [[2] * 1020], max_new_tokens=5)
+    with pytest.raises(DiffusionGemmaError, match="empty prompt"):
+        generate(model, [[2], []], GenerationConfig(max_new_tokens=16))
+
+
 def test_temperature_schedule():
     assert dg.temperature(0, 48, 0.4, 0.8) == pytest.approx(0.8)
     assert dg.temperature(47, 48, 0.4, 0.8) == pytest.approx(0.4 + 0.4 / 48)
