@@ -293,12 +293,7 @@ class Attention(nn.Module):
         (0 or -inf), its T query rows repeated for the G = heads / kv_heads query heads that share a KV head
         (see attention_bias). Returns the output [B, T, H] and this pass's own k, v [B, kv_heads, T, D]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
-        k_raw = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        v_raw = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
-        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)              # [B, heads, T, D]
-        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)          # [B, kv, T, D]
-        v = rms_norm(v_raw, None, self.eps).transpose(1, 2)                   # weightless norm, no RoPE
+        q, k, v = self.project(x, cos, sin)
         k_all, v_all = keys_values(k, v)
         # grouped-query attention without copying K/V: the G query heads of one KV head become G*T query
         # rows of that head (SDPA's fused kernels take no enable_gqa, and the 512-wide heads fit only one)
@@ -306,6 +301,17 @@ class Attention(nn.Module):
         y = attend(q.reshape(B, self.kv_heads, G * T, self.head_dim), k_all, v_all, mask)  # [B, kv, G*T, D]
         y = y.unflatten(2, (G, T)).permute(0, 3, 1, 2, 4).reshape(B, T, self.heads * self.head_dim)
         return self.o_proj(y), k, v
+
+    def project(self, x, cos, sin):
+        """x [B, T, H] -> q [B, heads, T, D], k, v [B, kv_heads, T, D]: normed per head, RoPE on q and k."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
+        k_raw = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        v_raw = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)              # [B, heads, T, D]
+        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)          # [B, kv, T, D]
+        v = rms_norm(v_raw, None, self.eps).transpose(1, 2)                   # weightless norm, no RoPE
+        return q, k, v
 
 
 BMM_FP32_OUT = "dtype" in torch.ops.aten.bmm.overloads()  # torch.bmm(..., out_dtype=) (CUDA, torch >= 2.8)
@@ -432,13 +438,17 @@ class Layer(nn.Module):
     def forward(self, x, cos, sin, keys_values, mask, encoder: bool):
         """x [B, T, H] -> [B, T, H], plus this pass's k, v for the cache (see Attention.forward)."""
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, keys_values, mask)
+        return self.feed_forward(x, attn, encoder), k, v
+
+    def feed_forward(self, x, attn, encoder: bool):
+        """The rest of the layer: residual x [B, T, H] + attention output attn [B, T, H] -> [B, T, H]."""
         x = x + self.post_attention_layernorm(attn)
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.router(flat)  # routed on the raw residual
         moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids).view_as(x)
         x = x + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
-        return x * (self.encoder_layer_scalar if encoder else self.layer_scalar), k, v
+        return x * (self.encoder_layer_scalar if encoder else self.layer_scalar)
 
 
 class SelfConditioning(MLP):
@@ -742,6 +752,17 @@ class DiffusionGemma(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    def compile_layers(self):
+        """torch.compile the elementwise-heavy parts of every layer, Attention.project and Layer.feed_forward
+        (norms, RoPE, gates, routing), so that their many small kernels fuse: for training on GPU, where they
+        dominate a small model's step. Attention and the KV cache stay eager. Each distinct shape, grad mode
+        and encoder flag compiles once (shared by all layers of the same shape)."""
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for layer in self.layers:
+            layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False)
+            layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=False)
+        return self
 
     def set_experts_impl(self, impl: str):
         if impl not in ("loop", "grouped"):

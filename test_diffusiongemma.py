@@ -219,6 +219,29 @@ def test_grouped_experts_match_loop():
     assert rel_err(b, a) < 1e-5
 
 
+def test_compiled_layers_match_eager_in_training():
+    """compile_layers (the training fast path) gives the eager loss and gradients (fp32, CPU inductor)."""
+    rows = [dict(puzzle=EASY, solution=GRID)] * 4
+    tok = dg.Tokenizer.from_json(ts.compact_tokenizer_json())
+    results = []
+    for compiled in (False, True):
+        model = DiffusionGemma(Config.preset("sudoku-small")).init_weights(generator=torch.Generator().manual_seed(0))
+        if compiled:
+            model.compile_layers()
+        prompt, valid, target, g = ts.Batches(rows, tok, "compact", 81, 4, 0, "cpu").get(0)
+        loss = ts.Objective(model)(prompt, valid, target, g)[0]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert rel_err(loss_b, loss_a) < 1e-5
+    flat = lambda grads: torch.cat([grads[n].flatten() for n in grads_a])  # noqa: E731
+    assert rel_err(flat(grads_b), flat(grads_a)) < 1e-4  # fp32 rounding of fused kernels: ~1e-5
+    largest = max(g.abs().max() for g in grads_a.values())
+    for n, grad in grads_a.items():  # (the last layer's layer_scalar gets ~1e-8: the final norm absorbs it)
+        if grad.abs().max() > 1e-3 * largest:
+            assert rel_err(grads_b[n], grad) < 1e-4, n
+
+
 def test_26b_preset_shape_and_parameter_count():
     """Built on the meta device: 25.25B text parameters and the real checkpoint's names and shapes."""
     with torch.device("meta"):
@@ -979,6 +1002,22 @@ def test_checkpoint_reloads_and_resumes_exactly(sudoku_run):
     # and the checkpoint is a Hugging Face one with the sampler's files
     for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "sudoku.json"):
         assert os.path.isfile(root / "full" / f), f
+
+
+def test_stop_after_minutes_saves_a_resumable_run(sudoku_run):
+    root, _ = sudoku_run
+    full = DiffusionGemma.from_pretrained(str(root / "full"))
+    args = ["--steps", "8", "--batch-size", "8", "--train-puzzles", "300", "--data-dir", str(root / "data"),
+            "--eval-every", "0", "--log-every", "2", "--save-every", "4", "--warmup", "2", "--lr", "3e-3",
+            "--device", "cpu", "--workers", "1"]
+    r = run_train_sudoku(*args, "--out", str(root / "timed"), "--stop-after-minutes", "0")  # stops after step 1
+    assert r.returncode == 0, r.stderr
+    assert torch.load(root / "timed" / "train_state.pt", weights_only=False)["step"] == 1
+    r = run_train_sudoku("--resume", str(root / "timed"), "--out", str(root / "timed2"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    resumed = DiffusionGemma.from_pretrained(str(root / "timed2"))
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
 
 
 def test_eval_only_and_sample_py_on_the_trained_checkpoint(sudoku_run, tmp_path):

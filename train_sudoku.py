@@ -868,7 +868,8 @@ def train(args):
             raise dg.DiffusionGemmaError(f"{args.resume!r} has no train_state.pt; resume from a folder that "
                                          f"train_sudoku.py saved during training")
         state = torch.load(state_path, weights_only=False, map_location="cpu")
-        keep = {k: getattr(args, k) for k in ("out", "device", "resume", "stop_after", "export", "workers")}
+        keep = {k: getattr(args, k) for k in ("out", "device", "resume", "stop_after", "stop_after_minutes", "export", "workers",
+                                       "compile")}
         vars(args).update({**state["args"], **keep})  # the run's own settings and schedule
         args.steps = state["total_steps"]
         model = dg.DiffusionGemma.from_pretrained(args.resume, device=device, dtype=torch.float32)
@@ -876,7 +877,10 @@ def train(args):
     else:
         model, tok_json, fmt = build_model(args, device)
     tok = dg.Tokenizer.from_json(tok_json)
-    model.set_experts_impl("grouped" if torch.device(device).type == "cuda" else "loop")
+    on_gpu = torch.device(device).type == "cuda"
+    model.set_experts_impl("grouped" if on_gpu else "loop")
+    if args.compile == "on" or (args.compile == "auto" and on_gpu):
+        model.compile_layers()  # fuses the layers' small kernels (the first steps pay for compiling)
     model.train()
     cfg = model.cfg
 
@@ -954,7 +958,8 @@ def train(args):
                 f"({100 * res['solved'] / res['n']:.1f}%), mean steps {res['mean_steps']:.1f}", flush=True)
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             checkpoint(args.out)
-        if interrupted or step == args.stop_after:
+        out_of_time = args.stop_after_minutes is not None and time.time() - t_start >= 60 * args.stop_after_minutes
+        if interrupted or step == args.stop_after or out_of_time:
             checkpoint(args.out)
             log(f"interrupted: saved step {step} to {args.out}; continue with --resume {args.out}")
             return model
@@ -1095,6 +1100,8 @@ def parse_args(argv=None):
     p.add_argument("--export", help="also write the final model here in bf16, without optimizer state")
     p.add_argument("--steps", type=int, default=250, help="optimizer steps")
     p.add_argument("--stop-after", type=int, help="save and stop after this many steps, as Ctrl-C would")
+    p.add_argument("--stop-after-minutes", type=float,
+                   help="save and stop after this much wall time (for time-limited jobs; continue with --resume)")
     p.add_argument("--time-budget", type=float, help="minutes: size --steps from the speed of the first 20 steps")
     p.add_argument("--batch-size", type=int, default=64, help="puzzles per step (over all GPUs)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
@@ -1107,6 +1114,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=os.path.join(HERE, "data"), help="cache of generated puzzles")
     p.add_argument("--workers", type=int, help="processes for puzzle generation (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the layers for training (auto: on GPU only)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation solves (0: never)")
