@@ -1313,10 +1313,12 @@ class FastPath:
     The modules and the math are the plain path's; tests check that both give the same tokens. Build it
     once the model has its final device and dtype: the recorded graphs hold the weights' addresses.
     compile_sampler (CUDA): fuse the sampler's elementwise passes over the logits with torch.compile
-    (same random draws; roundings may differ in the last bit). timing: time every pass with CUDA events."""
+    (same random draws; roundings may differ in the last bit). compile_layers: model.compile_layers(), so
+    the recorded passes replay fused kernels (a layer's ~150 kernels become a few dozen); the prefill stays
+    eager (compiling its chunk shape costs more than it saves once). timing: time every pass with CUDA events."""
 
     def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=2048, vocab_chunk=32768,
-                 sampler_rows=None, compile_sampler=False, timing=False):
+                 sampler_rows=None, compile_sampler=False, compile_layers=False, timing=False):
         cfg, w = model.cfg, model.embed_tokens.weight
         self.model, self.device, self.dtype = model, w.device, w.dtype
         model.set_experts_impl("grouped")
@@ -1325,6 +1327,9 @@ class FastPath:
         self.graphs, self.recorded = graphs and cuda, {}
         self.prefill_chunk, self.vocab_chunk, self.sampler_rows = prefill_chunk, vocab_chunk, sampler_rows
         self.sampler = torch.compile(sampler_math, dynamic=False) if compile_sampler and cuda else sampler_math
+        self.compiled_layers = compile_layers
+        if compile_layers:
+            model.compile_layers()
         self.timing, self.events = timing and cuda, defaultdict(list)
         # the inputs of the recorded passes: copied in before each replay
         B, C, dev = batch_size, cfg.canvas_length, self.device
@@ -1348,7 +1353,7 @@ class FastPath:
 
     def prefill(self, ids, valid):
         """The encoder over the prompt, eagerly. Returns the last chunk's final hidden states."""
-        with self._timed("prefill"):
+        with self._timed("prefill"), torch.compiler.set_stance("force_eager"):
             for a in range(0, ids.shape[1], self.prefill_chunk):
                 h = self.model.encode(ids[:, a:a + self.prefill_chunk], self.cache, valid[:, a:a + self.prefill_chunk])
         return h

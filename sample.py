@@ -49,6 +49,9 @@ def parse_args(argv=None):
                    help="the fast path: static KV cache, grouped experts, CUDA graphs (default: on with CUDA)")
     p.add_argument("--compile-sampler", action=argparse.BooleanOptionalAction, default=None,
                    help="fast path: fuse the sampler's passes over the logits with torch.compile (default: on with CUDA)")
+    p.add_argument("--compile-layers", action="store_true",
+                   help="fast path: torch.compile the layers' norms, RoPE, gates and routing (fewer, fused kernels; "
+                        "compiling takes a minute or so at the 26B shape)")
     p.add_argument("--benchmark", action="store_true",
                    help="time --repeat runs after a warm-up: median ms per pass (prefill, denoise, commit, or one AR "
                         "token), tok/s, peak memory, and the weights streamed per pass against the card's copy bandwidth")
@@ -123,7 +126,8 @@ def benchmark(args, model, run, fast, device):
     print(f"benchmark: {torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | "
           f"weights {weight_bytes_per_pass(model, 10**9) / 1e9:.1f} GB | batch {B} | prompt {T} | "
           f"fast path {'with' if fast.graphs else 'without'} CUDA graphs, "
-          f"{'compiled' if fast.sampler is not dg.sampler_math else 'eager'} sampler")
+          f"{'compiled' if fast.sampler is not dg.sampler_math else 'eager'} sampler, "
+          f"{'compiled' if fast.compiled_layers else 'eager'} layers")
     print(f"{'pass':8} {'calls':>6} {'median ms':>10} {'weights GB':>11} {'floor ms':>9} {'of copy bw':>11}")
     for name, ms in times.items():
         tokens, head = passes[name]
@@ -207,7 +211,7 @@ def main(argv=None):
     if args.fast if args.fast is not None else device.startswith("cuda"):
         new = gen.max_new_tokens if args.mode == "ar" else -(-gen.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
         fast = dg.FastPath(model, batch_size=args.batch, capacity=len(ids) + new, timing=args.benchmark,
-                           compile_sampler=args.compile_sampler is not False)
+                           compile_sampler=args.compile_sampler is not False, compile_layers=args.compile_layers)
     if args.benchmark and (fast is None or not device.startswith("cuda")):
         raise dg.DiffusionGemmaError("--benchmark times the fast path on a CUDA device; use --device cuda")
 
