@@ -1329,6 +1329,10 @@ class FastPath:
         self.sampler = torch.compile(sampler_math, dynamic=False) if compile_sampler and cuda else sampler_math
         self.compiled_layers = compile_layers
         if compile_layers:
+            if self.dtype != torch.bfloat16:
+                raise DiffusionGemmaError(f"compiled layers need bf16 weights (torch.compile's grouped expert GEMM "
+                                          f"is bf16 only), not {str(self.dtype).replace('torch.', '')}; "
+                                          f"use dtype bfloat16 or leave the layers eager")
             model.compile_layers()
         self.timing, self.events = timing and cuda, defaultdict(list)
         # the inputs of the recorded passes: copied in before each replay

@@ -648,6 +648,8 @@ def test_fast_path_checks_its_sizes(tiny_ckpt):
         generate(model, [[2, 3], [2, 4]], GenerationConfig(max_new_tokens=16), fast=fast)
     with pytest.raises(DiffusionGemmaError, match="do not fit"):
         generate(model, [[2] * 40], GenerationConfig(max_new_tokens=32), fast=fast)
+    with pytest.raises(DiffusionGemmaError, match="compiled layers need bf16 weights"):
+        dg.FastPath(model, 1, capacity=64, compile_layers=True)  # the model is fp32
 
 
 # -----------------------------------------------------------------------------
