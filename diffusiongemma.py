@@ -755,9 +755,10 @@ class DiffusionGemma(nn.Module):
 
     def compile_layers(self):
         """torch.compile the elementwise-heavy parts of every layer, Attention.project and Layer.feed_forward
-        (norms, RoPE, gates, routing), so that their many small kernels fuse: for training on GPU, where they
-        dominate a small model's step. Attention and the KV cache stay eager. Each distinct shape, grad mode
-        and encoder flag compiles once (shared by all layers of the same shape)."""
+        (norms, RoPE, gates, routing), so that their many small kernels fuse. Attention and the KV cache stay
+        eager. Used by train_sudoku.py on GPU (1.8x per step for the Sudoku model on an H100) and by
+        FastPath(compile_layers=True). Each distinct shape, grad mode and encoder flag compiles once; layers
+        of the same shape share the compiled code (hence the raised recompile limit)."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for layer in self.layers:
             layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False)
@@ -1313,9 +1314,10 @@ class FastPath:
     The modules and the math are the plain path's; tests check that both give the same tokens. Build it
     once the model has its final device and dtype: the recorded graphs hold the weights' addresses.
     compile_sampler (CUDA): fuse the sampler's elementwise passes over the logits with torch.compile
-    (same random draws; roundings may differ in the last bit). compile_layers: model.compile_layers(), so
-    the recorded passes replay fused kernels (a layer's ~150 kernels become a few dozen); the prefill stays
-    eager (compiling its chunk shape costs more than it saves once). timing: time every pass with CUDA events."""
+    (same random draws; roundings may differ in the last bit). compile_layers (bf16 weights):
+    model.compile_layers(), so that the recorded passes replay fused kernels (on an H100 at the 26B shape:
+    1.11x on a denoising pass, 1.30x on an AR token); the prefill stays eager (compiling its chunk shape
+    would cost more than it saves once). timing: time every pass with CUDA events."""
 
     def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=2048, vocab_chunk=32768,
                  sampler_rows=None, compile_sampler=False, compile_layers=False, timing=False):

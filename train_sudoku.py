@@ -868,8 +868,8 @@ def train(args):
             raise dg.DiffusionGemmaError(f"{args.resume!r} has no train_state.pt; resume from a folder that "
                                          f"train_sudoku.py saved during training")
         state = torch.load(state_path, weights_only=False, map_location="cpu")
-        keep = {k: getattr(args, k) for k in ("out", "device", "resume", "stop_after", "stop_after_minutes", "export", "workers",
-                                       "compile")}
+        keep = {k: getattr(args, k) for k in ("out", "device", "resume", "stop_after", "stop_after_minutes",
+                                              "export", "workers", "compile")}  # this call's, not the run's
         vars(args).update({**state["args"], **keep})  # the run's own settings and schedule
         args.steps = state["total_steps"]
         model = dg.DiffusionGemma.from_pretrained(args.resume, device=device, dtype=torch.float32)
@@ -961,7 +961,7 @@ def train(args):
         out_of_time = args.stop_after_minutes is not None and time.time() - t_start >= 60 * args.stop_after_minutes
         if interrupted or step == args.stop_after or out_of_time:
             checkpoint(args.out)
-            log(f"interrupted: saved step {step} to {args.out}; continue with --resume {args.out}")
+            log(f"stopped: saved step {step} to {args.out}; continue with --resume {args.out}")
             return model
     checkpoint(args.out, final=True)
     log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; saved to {args.out}")
