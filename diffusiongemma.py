@@ -1359,7 +1359,8 @@ class FastPath:
 
     def prefill(self, ids, valid):
         """The encoder over the prompt, eagerly. Returns the last chunk's final hidden states."""
-        with self._timed("prefill"), torch.compiler.set_stance("force_eager"):
+        eager = torch.compiler.set_stance("force_eager") if self.compiled_layers else contextlib.nullcontext()
+        with self._timed("prefill"), eager:
             for a in range(0, ids.shape[1], self.prefill_chunk):
                 h = self.model.encode(ids[:, a:a + self.prefill_chunk], self.cache, valid[:, a:a + self.prefill_chunk])
         return h
