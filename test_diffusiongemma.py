@@ -1009,42 +1009,29 @@ def test_training_lowers_the_loss(sudoku_run):
     assert "ETA" in log and "tok/s" in log and "eval:" in log
 
 
-def test_checkpoint_reloads_and_resumes_exactly(sudoku_run):
+@pytest.mark.parametrize("stop, stopped_at", [(["--stop-after", "4"], 4),             # as Ctrl-C would
+                                               (["--stop-after-minutes", "0"], 1)])   # out of time after step 1
+def test_checkpoint_reloads_and_resumes_exactly(sudoku_run, stop, stopped_at):
     root, _ = sudoku_run
     full = DiffusionGemma.from_pretrained(str(root / "full"))
-    # an 8-step run stopped after 4 steps (as Ctrl-C would), then resumed, equals the uninterrupted run
+    # an 8-step run stopped early, then resumed, equals the uninterrupted run
     args = ["--steps", "8", "--batch-size", "8", "--train-puzzles", "300", "--data-dir", str(root / "data"),
             "--eval-every", "0", "--log-every", "2", "--save-every", "4", "--warmup", "2", "--lr", "3e-3",
             "--device", "cpu", "--workers", "1"]
     state = torch.load(root / "full" / "train_state.pt", weights_only=False)
     assert state["step"] == 8
-    r = run_train_sudoku(*args, "--out", str(root / "stopped"), "--stop-after", "4")
+    stopped, resumed_dir = root / f"stopped-{stopped_at}", root / f"resumed-{stopped_at}"
+    r = run_train_sudoku(*args, "--out", str(stopped), *stop)
     assert r.returncode == 0, r.stderr
-    assert torch.load(root / "stopped" / "train_state.pt", weights_only=False)["step"] == 4
-    r = run_train_sudoku("--resume", str(root / "stopped"), "--out", str(root / "resumed"), "--device", "cpu")
+    assert torch.load(stopped / "train_state.pt", weights_only=False)["step"] == stopped_at
+    r = run_train_sudoku("--resume", str(stopped), "--out", str(resumed_dir), "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    resumed = DiffusionGemma.from_pretrained(str(root / "resumed"))
+    resumed = DiffusionGemma.from_pretrained(str(resumed_dir))
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), n
     # and the checkpoint is a Hugging Face one with the sampler's files
     for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "sudoku.json"):
         assert os.path.isfile(root / "full" / f), f
-
-
-def test_stop_after_minutes_saves_a_resumable_run(sudoku_run):
-    root, _ = sudoku_run
-    full = DiffusionGemma.from_pretrained(str(root / "full"))
-    args = ["--steps", "8", "--batch-size", "8", "--train-puzzles", "300", "--data-dir", str(root / "data"),
-            "--eval-every", "0", "--log-every", "2", "--save-every", "4", "--warmup", "2", "--lr", "3e-3",
-            "--device", "cpu", "--workers", "1"]
-    r = run_train_sudoku(*args, "--out", str(root / "timed"), "--stop-after-minutes", "0")  # stops after step 1
-    assert r.returncode == 0, r.stderr
-    assert torch.load(root / "timed" / "train_state.pt", weights_only=False)["step"] == 1
-    r = run_train_sudoku("--resume", str(root / "timed"), "--out", str(root / "timed2"), "--device", "cpu")
-    assert r.returncode == 0, r.stderr
-    resumed = DiffusionGemma.from_pretrained(str(root / "timed2"))
-    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
-        assert torch.equal(a, b), n
 
 
 def test_eval_only_and_sample_py_on_the_trained_checkpoint(sudoku_run, tmp_path):
