@@ -51,7 +51,7 @@ def parse_args(argv=None):
                    help="fast path: fuse the sampler's passes over the logits with torch.compile (default: on with CUDA)")
     p.add_argument("--compile-layers", action="store_true",
                    help="fast path: torch.compile the layers' norms, RoPE, gates and routing (fewer, fused kernels; "
-                        "compiling takes a minute or so at the 26B shape)")
+                        "bf16 weights; the first pass pays for compiling)")
     p.add_argument("--benchmark", action="store_true",
                    help="time --repeat runs after a warm-up: median ms per pass (prefill, denoise, commit, or one AR "
                         "token), tok/s, peak memory, and the weights streamed per pass against the card's copy bandwidth")
@@ -212,6 +212,8 @@ def main(argv=None):
         new = gen.max_new_tokens if args.mode == "ar" else -(-gen.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
         fast = dg.FastPath(model, batch_size=args.batch, capacity=len(ids) + new, timing=args.benchmark,
                            compile_sampler=args.compile_sampler is not False, compile_layers=args.compile_layers)
+    if args.compile_layers and fast is None:
+        raise dg.DiffusionGemmaError("--compile-layers works on the fast path; add --fast (or use a CUDA device)")
     if args.benchmark and (fast is None or not device.startswith("cuda")):
         raise dg.DiffusionGemmaError("--benchmark times the fast path on a CUDA device; use --device cuda")
 

@@ -708,6 +708,8 @@ def test_sample_py_end_to_end(text_ckpt):
     (["--prompt", "hi", "--device", "tpu"], "unknown device"),
     (["--prompt", "hi", "--dtype", "int3"], "unknown dtype"),
     (["--prompt", "hi", "--steps", "0"], "max_denoising_steps must be >= 1"),
+    (["--prompt", "hi", "--compile-layers"], "add --fast"),
+    (["--prompt", "hi", "--fast", "--compile-layers"], "compiled layers need bf16 weights"),
 ])
 def test_sample_py_bad_input(text_ckpt, args, message):
     r = run_sample("--checkpoint", text_ckpt, "--device", "cpu", *args)
