@@ -286,6 +286,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.eps = cfg.rms_norm_eps
+        self.softmax = masked_softmax  # the explicit attention's softmax (compile_layers swaps in a fused one)
 
     def forward(self, x, cos, sin, keys_values, mask):
         """x [B, T, H] (normed); keys_values(k, v) -> the keys and values to attend to [B, kv_heads, S+T, D]:
@@ -298,7 +299,8 @@ class Attention(nn.Module):
         # grouped-query attention without copying K/V: the G query heads of one KV head become G*T query
         # rows of that head (SDPA's fused kernels take no enable_gqa, and the 512-wide heads fit only one)
         G = self.heads // self.kv_heads
-        y = attend(q.reshape(B, self.kv_heads, G * T, self.head_dim), k_all, v_all, mask)  # [B, kv, G*T, D]
+        q = q.reshape(B, self.kv_heads, G * T, self.head_dim)
+        y = attend(q, k_all, v_all, mask, self.softmax)  # [B, kv, G*T, D]
         y = y.unflatten(2, (G, T)).permute(0, 3, 1, 2, 4).reshape(B, T, self.heads * self.head_dim)
         return self.o_proj(y), k, v
 
@@ -317,7 +319,13 @@ class Attention(nn.Module):
 BMM_FP32_OUT = "dtype" in torch.ops.aten.bmm.overloads()  # torch.bmm(..., out_dtype=) (CUDA, torch >= 2.8)
 
 
-def attend(q, k, v, bias):
+def masked_softmax(scores, bias, dtype):
+    """fp32 scores [B, kv, R, S] + additive bias [B, 1, R, S] -> softmax over S, cast to dtype.
+    Three passes over the largest tensor of a pass when eager; model.compile_layers() fuses them into one."""
+    return torch.softmax(scores + bias, dim=-1).to(dtype)
+
+
+def attend(q, k, v, bias, softmax=masked_softmax):
     """softmax(q k^T + bias) v per KV head, scale 1.0 (q and k are RMS-normalised per head):
     q [B, kv, R, D] (R = G*T query rows), k, v [B, kv, S, D], bias [B, 1, R, S] -> [B, kv, R, D].
     SDPA's fused kernels spread only query rows over the GPU: with the few rows of a denoising step, a
@@ -332,7 +340,7 @@ def attend(q, k, v, bias):
         scores = torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)  # fp32 sums of the bf16 products
     else:
         scores = torch.bmm(q.float(), k.float().transpose(1, 2))
-    probs = torch.softmax(scores.view(B, kv, R, S).add_(bias), dim=-1).to(v.dtype)
+    probs = softmax(scores.view(B, kv, R, S), bias, v.dtype)
     return torch.bmm(probs.flatten(0, 1), v).view(B, kv, R, D)
 
 
@@ -368,6 +376,31 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[ids], ids
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def to_fp8(x):
+    """x [..., K] -> (float8 e4m3 values, fp32 decode scale per row [...]): x ~= values * scale[..., None]."""
+    scale = x.abs().amax(-1).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def grouped_mm(x, w, offsets, scale=None):
+    """Rows of x [P, in], grouped by expert (offsets [E]: each group's end row), times their expert's
+    w [E, out, in] transposed -> [P, out]. A float8 w (Experts.to_fp8) comes with a decode scale per output
+    row, scale [E, out]: then x is quantised per row too and, on CUDA, one scaled grouped GEMM runs
+    (fp32 sums of the exact fp8 products, then both scales); elsewhere the same sums in fp32 from the
+    dequantised operands: the reference that a GPU test compares the kernel with."""
+    if scale is None:
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+    xq, x_scale = to_fp8(x)
+    if x.is_cuda:
+        return torch._scaled_grouped_mm(xq, w.transpose(1, 2), x_scale, scale, offs=offsets, out_dtype=torch.bfloat16)
+    xd, wd = xq.float() * x_scale[:, None], w.float() * scale[..., None]
+    return torch._grouped_mm(xd, wd.transpose(1, 2), offs=offsets).to(x.dtype)
+
+
 class Experts(nn.Module):
     """The routed experts, stored packed as in the checkpoint: gate_up_proj [E, 2I, H] (gate rows
     first), down_proj [E, H, I]. Two ways to run them, tested equal:
@@ -381,6 +414,23 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.impl = "loop"  # or "grouped"
+        self.gate_up_scale = self.down_scale = None  # per-row decode scales once to_fp8() has run
+
+    @torch.no_grad()
+    def to_fp8(self):
+        """Stores both projections as float8 e4m3 with one fp32 scale per output row of each expert: half
+        the bytes a pass streams, at the cost of exactness (inference only; runs grouped). One expert
+        at a time, so the extra memory is one expert's fp32 copy."""
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name)
+            q = torch.empty(w.shape, dtype=FP8, device=w.device)
+            scale = torch.empty(w.shape[:2], dtype=torch.float32, device=w.device)
+            for e in range(w.shape[0]):
+                q[e], scale[e] = to_fp8(w[e])
+            setattr(self, name, nn.Parameter(q, requires_grad=False))
+            setattr(self, name.replace("_proj", "_scale"), scale)
+        self.impl = "grouped"
+        return self
 
     def forward(self, x, weights, ids):
         """x [N, H], weights/ids [N, k] -> [N, H]"""
@@ -398,21 +448,25 @@ class Experts(nn.Module):
     def forward_grouped(self, x, weights, ids):
         N, k = ids.shape
         E = self.gate_up_proj.shape[0]
-        expert, order = ids.reshape(-1).sort()                       # the N*k (token, expert) pairs by expert
+        # the N*k (token, expert) pairs by expert: 8-bit keys sort in one radix pass (64-bit ones take eight)
+        key = torch.uint8 if E < 256 else torch.int32
+        expert, order = ids.reshape(-1).to(key).sort()
         token = order // k                                           # the token of each sorted pair
         # end row of each expert's group (searchsorted, unlike bincount, needs no host synchronisation)
-        offsets = torch.searchsorted(expert, torch.arange(1, E + 1, device=ids.device)).to(torch.int32)
+        offsets = torch.searchsorted(expert, torch.arange(1, E + 1, device=ids.device, dtype=key)).to(torch.int32)
         # under autocast (training) the GEMMs run in the autocast dtype, like nn.Linear does
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        fp8 = self.gate_up_scale is not None
         xs = x[token].to(dt)                                         # [N*k, H]
-        h = torch._grouped_mm(xs, self.gate_up_proj.to(dt).transpose(1, 2), offs=offsets)  # [N*k, 2I]
-        gate, up = h.chunk(2, dim=-1)
+        h = grouped_mm(xs, self.gate_up_proj if fp8 else self.gate_up_proj.to(dt), offsets, self.gate_up_scale)
+        gate, up = h.chunk(2, dim=-1)                                # [N*k, I] each
         # the routing weight scales the expert's hidden state (down_proj is linear: the same as scaling its output)
         act = (F.gelu(gate, approximate="tanh") * up * weights.reshape(-1)[order, None]).to(dt)
-        y = torch._grouped_mm(act, self.down_proj.to(dt).transpose(1, 2), offs=offsets)
-        # back to (token, slot) order, then each token's sum over its k experts, in fp32
-        y = torch.zeros_like(y).index_copy(0, order, y).view(N, k, -1)
-        return y.sum(1, dtype=torch.float32).to(x.dtype)
+        y = grouped_mm(act, self.down_proj if fp8 else self.down_proj.to(dt), offsets, self.down_scale)
+        # back to (token, slot) order: pair j sits at sorted row inverse[j]; then each token's sum over its
+        # k experts, in fp32 (compiled, the gather and the sum are one kernel)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=ids.device))
+        return y[inverse].view(N, k, -1).sum(1, dtype=torch.float32).to(x.dtype)
 
 
 class Layer(nn.Module):
@@ -629,12 +683,15 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
         self._inv_freq = {}  # device -> {layer type: fp32 inverse frequencies}; kept out of .to(dtype)
+        # sqrt(H) rounded to each float dtype the weights may have (Python numbers: no tensor, no sync)
+        self._embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt, device="cpu").item()
+                             for dt in (torch.float32, torch.bfloat16, torch.float16)}
 
     # --- pieces shared by both modes
 
     def embed_scale(self):
         """sqrt(H) rounded to the weight dtype (53.0 in bf16, not 53.07), as a Python number."""
-        return torch.tensor(self.cfg.hidden_size ** 0.5, dtype=self.embed_tokens.weight.dtype).item()
+        return self._embed_scale[self.embed_tokens.weight.dtype]
 
     def embed(self, ids):
         """ids [B, T] -> [B, T, H] * sqrt(H) (in the weight dtype)."""
@@ -754,20 +811,34 @@ class DiffusionGemma(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def compile_layers(self):
-        """torch.compile the elementwise-heavy parts of every layer, Attention.project and Layer.feed_forward
-        (norms, RoPE, gates, routing), so that their many small kernels fuse. Attention and the KV cache stay
-        eager. Used by train_sudoku.py on GPU (1.8x per step for the Sudoku model on an H100) and by
+        """torch.compile the elementwise-heavy parts of the model so that their many small kernels fuse:
+        every layer's Attention.project and Layer.feed_forward (norms, RoPE, gates, routing, the experts'
+        gather and sum), the explicit attention's masked softmax, and the head and self-conditioning
+        product (softcap, softmax: one kernel per vocabulary chunk). Matmuls and the KV cache stay as they
+        are. Used by train_sudoku.py on GPU (1.8x per step for the Sudoku model on an H100) and by
         FastPath(compile_layers=True). Each distinct shape, grad mode and encoder flag compiles once; layers
         of the same shape share the compiled code (hence the raised recompile limit)."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        softmax = torch.compile(masked_softmax, dynamic=False)
         for layer in self.layers:
+            layer.self_attn.softmax = softmax
             layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False)
             layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=False)
+        self.head = torch.compile(self.head, dynamic=False)
+        self.soft_embedding = torch.compile(self.soft_embedding, dynamic=False)
+        return self
+
+    def experts_to_fp8(self):
+        """Experts.to_fp8() in every layer: the routed experts, ~90% of the weights, in half the bytes."""
+        for layer in self.layers:
+            layer.experts.to_fp8()
         return self
 
     def set_experts_impl(self, impl: str):
         if impl not in ("loop", "grouped"):
             raise DiffusionGemmaError(f"unknown experts implementation {impl!r}; use 'loop' or 'grouped'")
+        if impl == "loop" and self.layers[0].experts.gate_up_scale is not None:
+            raise DiffusionGemmaError("float8 experts run grouped only (the loop is the bf16/fp32 reference)")
         for layer in self.layers:
             layer.experts.impl = impl
         return self
@@ -894,6 +965,9 @@ def save_checkpoint(model, path, max_shard_bytes=5 * 10**9, extra_files=None):
     """config.json + model.safetensors (or shards + index), written into a temporary sibling folder
     that replaces `path` only when complete. extra_files: {name: text, or a function writing the
     open binary file} (tokenizer.json, generation_config.json, a training state...)."""
+    if any(p.dtype == FP8 for p in model.parameters()):
+        raise DiffusionGemmaError("this model's experts are float8 (experts_to_fp8), an inference-only form; "
+                                  "save the model before converting it")
     from safetensors.torch import save_file
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
