@@ -40,7 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1, help="generate for N copies of the prompt at once")
     p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion",
                    help="diffusion (block denoising) or ar (the autoregressive baseline on the same weights)")
-    p.add_argument("--show", action="store_true", help="redraw the canvas in the terminal at every denoising step")
+    p.add_argument("--show", action="store_true",
+                   help="redraw the canvas in the terminal at every denoising step (of the first row: with "
+                        "--attempts, chain 0 only)")
+    p.add_argument("--attempts", type=int,
+                   help="Sudoku checkpoints: run K denoising chains as one batch and show one that a check of the "
+                        "Sudoku rules finds valid (not a solver; K times the compute). Default: \"attempts\" in "
+                        "the checkpoint's sudoku.json, else 1")
     p.add_argument("--random-weights", action="store_true",
                    help="build a random model of --config directly on the device (no checkpoint, no tokenizer)")
     p.add_argument("--config", default="26b-a4b", help=f"preset for --random-weights: {', '.join(dg.PRESETS)}")
@@ -52,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-layers", action="store_true",
                    help="fast path: torch.compile the layers' norms, RoPE, gates and routing (fewer, fused kernels; "
                         "bf16 weights; the first pass pays for compiling)")
+    p.add_argument("--fp8", action="store_true",
+                   help="store the routed experts in float8 e4m3 with one scale per output row: half the bytes a "
+                        "pass streams, faster on an H100; an approximation of the bf16 model, not exact (inference)")
     p.add_argument("--benchmark", action="store_true",
                    help="time --repeat runs after a warm-up: median ms per pass (prefill, denoise, commit, or one AR "
                         "token), tok/s, peak memory, and the weights streamed per pass against the card's copy bandwidth")
@@ -127,7 +136,7 @@ def benchmark(args, model, run, fast, device):
           f"weights {weight_bytes_per_pass(model, 10**9) / 1e9:.1f} GB | batch {B} | prompt {T} | "
           f"fast path {'with' if fast.graphs else 'without'} CUDA graphs, "
           f"{'compiled' if fast.sampler is not dg.sampler_math else 'eager'} sampler, "
-          f"{'compiled' if fast.compiled_layers else 'eager'} layers")
+          f"{'compiled' if fast.compiled_layers else 'eager'} layers, {'fp8' if args.fp8 else 'bf16'} experts")
     print(f"{'pass':8} {'calls':>6} {'median ms':>10} {'weights GB':>11} {'floor ms':>9} {'of copy bw':>11}")
     for name, ms in times.items():
         tokens, head = passes[name]
@@ -186,7 +195,10 @@ def main(argv=None):
     sudoku = None
     if ckpt is not None and os.path.isfile(os.path.join(ckpt, "sudoku.json")):
         import train_sudoku as sudoku
+    if args.attempts is not None and sudoku is None:
+        raise dg.DiffusionGemmaError("--attempts is for Sudoku checkpoints (a rule check picks among the chains)")
     prompt_text = open(args.prompt_file).read() if args.prompt_file else args.prompt
+    attempts = 1
 
     # the prompt's token ids, and how to show tokens as text
     if args.random_weights:
@@ -197,6 +209,7 @@ def main(argv=None):
         fmt = sudoku.read_meta(ckpt)["format"]
         puzzle = sudoku.parse_puzzle(prompt_text or sudoku.EXAMPLE_PUZZLE)
         ids = sudoku.prompt_ids(tok, puzzle, fmt)
+        attempts = sudoku.read_attempts(args.attempts, ckpt)
         render = lambda t: sudoku.format_grid(sudoku.board(tok, t, fmt), puzzle)  # noqa: E731
     else:
         tok = dg.Tokenizer.from_pretrained(ckpt)
@@ -205,8 +218,15 @@ def main(argv=None):
     if len(ids) + min(gen.max_new_tokens, cfg.canvas_length) > cfg.max_position_embeddings:
         raise dg.DiffusionGemmaError(f"prompt of {len(ids)} tokens does not fit the context of "
                                      f"{cfg.max_position_embeddings}; shorten it")
+    if attempts > 1:
+        if args.batch != 1:
+            raise dg.DiffusionGemmaError(f"--batch and the {attempts} chains (--attempts, or the checkpoint's "
+                                         "sudoku.json) both set the batch; give one")
+        args.batch = attempts  # the chains are the batch's rows
     prompts = [ids] * args.batch
 
+    if args.fp8:
+        model.experts_to_fp8()
     fast = None
     if args.fast if args.fast is not None else device.startswith("cuda"):
         new = gen.max_new_tokens if args.mode == "ar" else -(-gen.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
@@ -228,12 +248,19 @@ def main(argv=None):
         return benchmark(args, model, run, fast, device)
     res = run()
 
-    # the result, then one stats line
-    row = res.tokens[0, :res.new_tokens[0]].tolist()
+    # the result (of a Sudoku: the chain the rule check picks), then one stats line
+    pick = 0
     if sudoku is not None:
-        grid = sudoku.read_answer(tok.decode(row))
+        grids = [sudoku.read_answer(tok.decode(res.tokens[r, :res.new_tokens[r]].tolist())) for r in range(attempts)]
+        pick = sudoku.pick_attempt(grids, puzzle)
+    row = res.tokens[pick, :res.new_tokens[pick]].tolist()
+    if sudoku is not None:
         print(sudoku.format_grid(sudoku.board(tok, row, fmt), puzzle))
-        print("solved" if grid and sudoku.is_valid_solution(grid, puzzle) else "not solved: the grid breaks a rule")
+        print("solved" if sudoku.is_valid_solution(grids[pick], puzzle) else "not solved: the grid breaks a rule")
+        if attempts > 1:
+            valid = sum(sudoku.is_valid_solution(grid, puzzle) for grid in grids)
+            print(f"solved by chain {pick} of {attempts} (numbered from 0); {valid} of the {attempts} chains solved it"
+                  if valid else f"none of the {attempts} chains solved it; chain 0 shown")
     elif args.random_weights:
         print(f"generated {len(row)} random-model tokens: {row[:16]} ...")
     else:

@@ -219,6 +219,55 @@ def test_grouped_experts_match_loop():
     assert rel_err(b, a) < 1e-5
 
 
+def test_fp8_experts_approximate_bf16(tmp_path):
+    """experts_to_fp8 halves the experts' bytes and stays close to the exact model (it is an approximation:
+    per-row e4m3 keeps ~3 significant bits); the loop reference and saving refuse float8 experts."""
+    cfg = tiny_config(num_experts=8, top_k_experts=3)
+    model = randomise_(DiffusionGemma(cfg), seed=2).set_experts_impl("grouped")
+    experts, router = model.layers[0].experts, model.layers[0].router
+    w = experts.gate_up_proj.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    prompt, canvas = torch.randint(3, 500, (2, 9), generator=g), torch.randint(0, 512, (2, 16), generator=g)
+    x = torch.randn(50, cfg.hidden_size, generator=g)
+    with torch.no_grad():
+        weights, ids = router(x)
+        exact, exact_out = model(prompt, canvas), experts(x, weights, ids)
+        model.experts_to_fp8()
+        approx, approx_out = model(prompt, canvas), experts(x, weights, ids)
+    assert experts.gate_up_proj.dtype == dg.FP8 and experts.gate_up_proj.element_size() == 1
+    # each weight is within half an e4m3 step (2^-3 relative, at most 448 * 2^-4 of its row's scale) of the original
+    deq = experts.gate_up_proj.float() * experts.gate_up_scale[..., None]
+    assert ((deq - w).abs() <= experts.gate_up_scale[..., None] * 448 / 16 + 1e-12).all()
+    assert (w.abs().amax(-1) - deq.abs().amax(-1)).abs().max() < 1e-6  # each row's largest weight is exact
+    # float8 operands carry ~2^-4 rounding each: one expert layer moves by a few percent (changed, so the float8
+    # path ran), and after three random layers (routing may flip) the logits still agree closely
+    def norm_err(a, b):
+        return ((a - b).norm() / b.norm()).item()
+    assert 1e-3 < norm_err(approx_out, exact_out) < 0.1
+    assert norm_err(approx, exact) < 0.2
+    with pytest.raises(DiffusionGemmaError, match="grouped only"):
+        model.set_experts_impl("loop")
+    with pytest.raises(DiffusionGemmaError, match="inference-only"):
+        model.save_pretrained(tmp_path / "fp8")
+    assert not os.listdir(tmp_path)  # nothing half-written
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
+                    reason="the float8 scaled grouped GEMM needs an sm90+ CUDA GPU")
+def test_fp8_grouped_kernel_matches_reference():
+    """On the GPU, torch._scaled_grouped_mm computes what grouped_mm's fp32 reference computes (the sums of
+    the same dequantised float8 operands)."""
+    g = torch.Generator().manual_seed(0)
+    E, H, out = 8, 256, 384
+    w, scale = dg.to_fp8(torch.randn(E, out, H, generator=g) * 0.02)
+    x = torch.randn(100, H, generator=g).bfloat16()
+    offsets = torch.tensor([0, 10, 10, 30, 55, 70, 99, 100], dtype=torch.int32)
+    ref = dg.grouped_mm(x, w, offsets, scale)  # CPU: the reference
+    got = dg.grouped_mm(x.cuda(), w.cuda(), offsets.cuda(), scale.cuda()).cpu().float()
+    # the same up to bf16 output rounding (and an fp32 division ulp that may tip one activation's fp8 rounding)
+    assert ((got - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
 def test_compiled_layers_match_eager_in_training():
     """compile_layers (the training fast path) gives the eager loss and gradients (fp32, CPU inductor)."""
     rows = [dict(puzzle=EASY, solution=GRID)] * 4
@@ -1065,6 +1114,100 @@ def test_eval_only_rejects_malformed_puzzles(sudoku_run, tmp_path, line, message
     r = run_train_sudoku("--eval-only", "--checkpoint", str(root / "full"), "--puzzles", str(f), "--device", "cpu")
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# Attempts: several denoising chains per puzzle, a check of the rules picks one
+
+def test_pick_attempt_takes_the_first_valid_grid():
+    swapped = HARD_SOLUTION[:2] + HARD_SOLUTION[3] + HARD_SOLUTION[2] + HARD_SOLUTION[4:]  # two cells: breaks boxes
+    relabelled = HARD_SOLUTION.translate(str.maketrans("12", "21"))   # a valid Sudoku that changes clues
+    assert ts.is_valid_solution(relabelled) and not ts.is_valid_solution(relabelled, HARD)
+    assert ts.pick_attempt([swapped, None, HARD_SOLUTION, HARD_SOLUTION], HARD) == 2
+    assert ts.pick_attempt([relabelled, HARD_SOLUTION], HARD) == 1
+    assert ts.pick_attempt([swapped, None, relabelled], HARD) == 0    # none valid: chain 0
+
+
+@pytest.fixture(scope="module")
+def bundled_sudoku():
+    """The bundled Sudoku model (fp32, CPU) and its tokenizer."""
+    return DiffusionGemma.from_pretrained(ts.BUNDLED, dtype=torch.float32), dg.Tokenizer.from_pretrained(ts.BUNDLED)
+
+
+def test_evaluate_runs_a_puzzles_chains_side_by_side(bundled_sudoku):
+    """attempts=K: a puzzle's K chains are K neighbouring rows of one generate call, about batch_size rows
+    per call; attempts=1 is the plain batched generate, draw for draw."""
+    model, tok = bundled_sudoku
+    puzzles = [EASY, ts.parse_puzzle(HARD), INTERMEDIATE]
+    gen = dg.GenerationConfig(max_new_tokens=81, max_denoising_steps=4, eos_token_id=[1])
+    for attempts, batch_size in ((1, 2), (2, 4)):                      # both: puzzles 0-1, then puzzle 2
+        res = ts.evaluate(model, tok, "compact", puzzles, max_steps=4, batch_size=batch_size, seed=5,
+                          attempts=attempts)
+        g, grids, steps = torch.Generator().manual_seed(5), [], []
+        for chunk in (puzzles[:2], puzzles[2:]):
+            out = dg.generate(model, [ts.prompt_ids(tok, p) for p in chunk for _ in range(attempts)], gen, generator=g)
+            grids += [ts.read_answer(tok.decode(t.tolist())) for t in out.tokens]
+            steps += out.forwards
+        for i, (p, rec) in enumerate(zip(puzzles, res["records"])):
+            chains = range(i * attempts, (i + 1) * attempts)
+            k = ts.pick_attempt([grids[c] for c in chains], p)
+            assert (rec["attempt"], rec["output"], rec["steps"]) == (k, grids[chains[k]], steps[chains[k]])
+            assert rec["valid_chains"] == sum(ts.is_valid_solution(grids[c], p) for c in chains)
+            assert rec["solved"] == ts.is_valid_solution(rec["output"], p)
+
+
+def test_evaluate_uses_the_checkpoints_sampler_settings(bundled_sudoku, tmp_path):
+    """generation_config.json sets the sampler; evaluate's canvas and step cap, then gen_overrides, win."""
+    model, tok = bundled_sudoku
+    sampler = {"entropy_bound": 0.5, "t_max": 1.5, "t_min": 1.0}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 256, "max_denoising_steps": 48,
+                                                                 **sampler}))
+    puzzles = [ts.parse_puzzle(HARD), INTERMEDIATE]
+
+    def records(**kw):
+        return ts.evaluate(model, tok, "compact", puzzles, max_steps=3, seed=1, **kw)["records"]
+    from_file = records(checkpoint=str(tmp_path))
+    assert from_file == records(gen_overrides=sampler) != records()
+    assert all(r["steps"] <= 3 for r in from_file)
+    assert records(checkpoint=str(tmp_path), gen_overrides={"entropy_bound": 0.1, "t_max": 0.8, "t_min": 0.4}) \
+        == records()
+
+
+def test_eval_only_and_sample_py_with_attempts(tmp_path):
+    puzzles = tmp_path / "p.txt"
+    puzzles.write_text(EASY + "\n" + HARD + "\n")
+    out = tmp_path / "r.jsonl"
+    r = run_train_sudoku("--eval-only", "--puzzles", str(puzzles), "--out", str(out), "--device", "cpu",
+                         "--max-steps", "8", "--attempts", "2")
+    assert r.returncode == 0, r.stderr
+    assert "2 chains + rule check" in r.stdout and "chain 0 alone" in r.stdout
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 2 and any(x["solved"] for x in recs)
+    for x in recs:
+        assert x["attempt"] in (0, 1) and x["valid_chains"] in (0, 1, 2)
+        assert x["solved"] == ts.is_valid_solution(x["output"], x["puzzle"]) == (x["valid_chains"] > 0)
+    s = run_sample("--prompt", EASY, "--device", "cpu", "--attempts", "2")
+    assert s.returncode == 0, s.stderr
+    assert "solved by chain " in s.stdout and " of 2 " in s.stdout
+
+
+def test_attempts_must_be_a_whole_number_of_chains(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text(EASY + "\n")
+    r = run_train_sudoku("--eval-only", "--puzzles", str(f), "--device", "cpu", "--attempts", "0")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --attempts must be a whole number of chains >= 1 (got 0)"]
+    s = run_sample("--random-weights", "--config", "tiny", "--device", "cpu", "--attempts", "2")
+    assert s.returncode != 0 and s.stderr.strip().splitlines() == [
+        "error: --attempts is for Sudoku checkpoints (a rule check picks among the chains)"]
+    # the default comes from sudoku.json, checked the same way
+    for stored, expected in (({}, 1), ({"attempts": 4}, 4)):
+        (tmp_path / "sudoku.json").write_text(json.dumps({"format": "compact", **stored}))
+        assert ts.read_attempts(None, str(tmp_path)) == expected and ts.read_attempts(2, str(tmp_path)) == 2
+    for bad in (0, 2.5, "8", True):
+        (tmp_path / "sudoku.json").write_text(json.dumps({"format": "compact", "attempts": bad}))
+        with pytest.raises(DiffusionGemmaError, match="sudoku.json must be a whole number of chains"):
+            ts.read_attempts(None, str(tmp_path))
 
 
 def test_fine_tune_from_a_hugging_face_checkpoint_uses_the_chat_format(text_ckpt, tmp_path):

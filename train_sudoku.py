@@ -3,7 +3,7 @@
   python train_sudoku.py                               # CPU demo: a small model in a few minutes
   python train_sudoku.py --preset sudoku --device cuda --time-budget 8 --out runs/sudoku
   python train_sudoku.py --init-from DIR ...           # fine-tune a Hugging Face DiffusionGemma checkpoint
-  python train_sudoku.py --eval-only --puzzles FILE [--checkpoint DIR] [--out FILE.jsonl]
+  python train_sudoku.py --eval-only --puzzles FILE [--checkpoint DIR] [--attempts K] [--out FILE.jsonl]
   python train_sudoku.py --make-test-sets DIR          # fresh held-out puzzles, 1,000 per bucket
   torchrun --nproc_per_node N train_sudoku.py ...      # data-parallel on N GPUs
 
@@ -698,7 +698,8 @@ def format_grid(grid, puzzle=None):
 
 
 def read_meta(folder):
-    """sudoku.json of a Sudoku checkpoint: {"format": "compact" | "chat"}."""
+    """sudoku.json of a Sudoku checkpoint: {"format": "compact" | "chat"}, and optionally "attempts" (the
+    default chains per puzzle for --eval-only and sample.py)."""
     return json.load(open(os.path.join(folder, "sudoku.json")))
 
 
@@ -981,27 +982,69 @@ def wilson(k, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def pick_attempt(grids, puzzle):
+    """Index of the first of one puzzle's candidate grids (81-digit strings, None where an output did not
+    parse) that is a valid solution keeping the clues, else 0. This checks the Sudoku rules, it does not
+    solve: it can only choose among the model's own outputs."""
+    return next((k for k, grid in enumerate(grids) if is_valid_solution(grid, puzzle)), 0)
+
+
+def read_attempts(requested, folder):
+    """Chains per puzzle: --attempts if given, else the checkpoint's sudoku.json "attempts", else 1."""
+    k, source = requested, "--attempts"
+    if k is None:
+        k, source = read_meta(folder).get("attempts", 1), f"\"attempts\" in {os.path.join(folder, 'sudoku.json')}"
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise dg.DiffusionGemmaError(f"{source} must be a whole number of chains >= 1 (got {k!r})")
+    return k
+
+
+def chains_label(attempts):
+    """How a solve rate was measured, so that no printed number is ambiguous."""
+    return "1 chain" if attempts == 1 else f"{attempts} chains + rule check"
+
+
+def first_chain_solved(records):
+    """Puzzles that chain 0 alone solved: the single-chain count from the same run. pick_attempt takes the
+    first valid chain, so chain 0 solved exactly when the pick is solved and is chain 0."""
+    return sum(r["solved"] and r["attempt"] == 0 for r in records)
+
+
 @torch.no_grad()
-def evaluate(model, tok, fmt, puzzles, max_steps=48, batch_size=256, seed=0, gen_overrides=None):
-    """Solves puzzles (81-char strings) in batches. Returns a dict with per-puzzle records and totals."""
+def evaluate(model, tok, fmt, puzzles, max_steps=48, batch_size=256, seed=0, gen_overrides=None, attempts=1,
+             checkpoint=None):
+    """Solves puzzles (81-char strings) in batches. Returns a dict with per-puzzle records and totals.
+
+    attempts: independent denoising chains per puzzle, run side by side in one batch (each row draws its
+    own noise from the one generator); pick_attempt chooses each puzzle's record. A generate call runs
+    max(1, batch_size // attempts) puzzles, so about batch_size rows. attempts=1 is one chain per puzzle.
+    checkpoint: a folder whose generation_config.json sets the sampler (entropy bound, temperatures,
+    stopping); None: the defaults. The canvas length, max_steps and the stop tokens are always evaluate's,
+    and gen_overrides win over all of them.
+    """
     device = model.embed_tokens.weight.device
-    gen = dg.GenerationConfig(max_new_tokens=model.cfg.canvas_length if fmt == "compact" else 256,
-                              max_denoising_steps=max_steps,
-                              eos_token_id=[1] if fmt == "compact" else [1, 106, 50], **(gen_overrides or {}))
+    gen = dg.GenerationConfig.from_pretrained(checkpoint, **{
+        "max_new_tokens": model.cfg.canvas_length if fmt == "compact" else 256, "max_denoising_steps": max_steps,
+        "eos_token_id": [1] if fmt == "compact" else [1, 106, 50], **(gen_overrides or {})})
     g = torch.Generator(device=device).manual_seed(seed)
+    per_call = max(1, batch_size // attempts)
     records, t0 = [], time.time()
-    for i in range(0, len(puzzles), batch_size):
-        chunk = puzzles[i:i + batch_size]
-        res = dg.generate(model, [prompt_ids(tok, p, fmt) for p in chunk], gen, generator=g)
+    for i in range(0, len(puzzles), per_call):
+        chunk = puzzles[i:i + per_call]
+        res = dg.generate(model, [prompt_ids(tok, p, fmt) for p in chunk for _ in range(attempts)], gen, generator=g)
         for j, p in enumerate(chunk):
-            grid = read_answer(tok.decode(res.tokens[j].tolist()))
+            rows = range(j * attempts, (j + 1) * attempts)  # this puzzle's chains
+            grids = [read_answer(tok.decode(res.tokens[r].tolist())) for r in rows]
+            k = pick_attempt(grids, p)
+            grid = grids[k]
             clues_kept = grid is not None and all(c == "0" or c == d for c, d in zip(p, grid))
-            records.append(dict(puzzle=p, output=grid, steps=res.forwards[j],
-                                solved=bool(grid and is_valid_solution(grid, p)), clues_kept=clues_kept))
+            records.append(dict(puzzle=p, output=grid, steps=res.forwards[rows[k]],
+                                solved=is_valid_solution(grid, p), clues_kept=clues_kept, attempt=k,
+                                valid_chains=sum(is_valid_solution(x, p) for x in grids)))
     seconds = time.time() - t0
     steps = [r["steps"] for r in records]
     return dict(records=records, n=len(records), solved=sum(r["solved"] for r in records), seconds=seconds,
-                mean_steps=float(np.mean(steps)) if steps else 0.0,
+                attempts=attempts, mean_steps=float(np.mean(steps)) if steps else 0.0,
                 median_steps=float(np.median(steps)) if steps else 0.0)
 
 
@@ -1010,16 +1053,21 @@ def clue_bucket(clues):
 
 
 def report(res, grades):
-    """Prints the solve rate with its 95% interval, by difficulty and by clue count, and the step counts."""
-    def line(name, recs):
-        k, n = sum(r["solved"] for r in recs), len(recs)
+    """Prints the solve rate with its 95% interval, by difficulty and by clue count, and the step counts
+    (of the chosen chains). With several chains, also chain 0's rate alone: the gain of the rule check."""
+    def rate(name, k, n):
         lo, hi = wilson(k, n)
+        return f"{name:<22} {k:>5}/{n:<5} {100 * k / max(n, 1):6.1f}%  [{100 * lo:5.1f}, {100 * hi:5.1f}]"
+
+    def line(name, recs):
         steps = [r["steps"] for r in recs]
-        return (f"{name:<22} {k:>5}/{n:<5} {100 * k / max(n, 1):6.1f}%  [{100 * lo:5.1f}, {100 * hi:5.1f}]"
-                f"  steps mean {np.mean(steps):5.1f} median {np.median(steps):4.0f}")
+        return (rate(name, sum(r["solved"] for r in recs), len(recs))
+                + f"  steps mean {np.mean(steps):5.1f} median {np.median(steps):4.0f}")
     recs = res["records"]
-    print(f"{'':<22} {'solved':>11}  {'rate':>6}   95% interval")
+    print(f"{chains_label(res['attempts']):<22} {'solved':>11}  {'rate':>6}   95% interval")
     print(line("all", recs))
+    if res["attempts"] > 1:
+        print(rate("all, chain 0 alone", first_chain_solved(recs), len(recs)))
     for g in ("singles", "intermediate", "hard"):
         sub = [r for r, gr in zip(recs, grades) if gr == g]
         if sub:
@@ -1058,6 +1106,7 @@ def eval_only(args):
     if not os.path.isfile(os.path.join(ckpt, "sudoku.json")):
         raise dg.DiffusionGemmaError(f"{ckpt!r} is not a Sudoku checkpoint (no sudoku.json); train one with "
                                      f"train_sudoku.py or omit --checkpoint for the bundled one")
+    attempts = read_attempts(args.attempts, ckpt)
     files = {path: read_puzzle_file(path) for path in args.puzzles}
     model = dg.DiffusionGemma.from_pretrained(ckpt, device=device,
                                               dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -1069,17 +1118,22 @@ def eval_only(args):
         grades = _batch_grade(puzzles)
         for max_steps in args.max_steps:
             print(f"\n{len(puzzles)} puzzles from {path}; checkpoint {ckpt}; max {max_steps} steps; {device}")
-            res = evaluate(model, tok, fmt, puzzles, max_steps=max_steps, batch_size=args.eval_batch, seed=args.seed)
+            res = evaluate(model, tok, fmt, puzzles, max_steps=max_steps, batch_size=args.eval_batch, seed=args.seed,
+                           attempts=attempts, checkpoint=ckpt)
             report(res, grades)
             lo, hi = wilson(res["solved"], res["n"])
-            summary.append((os.path.basename(path), max_steps, res["solved"], res["n"], lo, hi, res["mean_steps"]))
+            summary.append((os.path.basename(path), max_steps, res["solved"], first_chain_solved(res["records"]),
+                            res["n"], lo, hi, res["mean_steps"]))
             if max_steps == args.max_steps[0]:
                 records += [dict(puzzle=r["puzzle"], output=r["output"], steps=r["steps"], solved=r["solved"],
-                                 grade=gr) for r, gr in zip(res["records"], grades)]
+                                 attempt=r["attempt"], valid_chains=r["valid_chains"], grade=gr)
+                            for r, gr in zip(res["records"], grades)]
     if len(summary) > 1:
-        print("\n| puzzles | max steps | solved | 95% interval | mean steps |\n|---|---|---|---|---|")
-        for name, steps, k, n, lo, hi, mean in summary:
-            print(f"| {name} | {steps} | {k}/{n} = {100 * k / n:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% | {mean:.1f} |")
+        print("\n| puzzles | chains | max steps | solved | 95% interval | mean steps |\n|---|---|---|---|---|---|")
+        for name, steps, k, k0, n, lo, hi, mean in summary:
+            alone = f" (chain 0 alone: {100 * k0 / n:.1f}%)" if attempts > 1 else ""
+            print(f"| {name} | {chains_label(attempts)} | {steps} | {k}/{n} = {100 * k / n:.1f}%{alone} | "
+                  f"{100 * lo:.1f}-{100 * hi:.1f}% | {mean:.1f} |")
     if args.out:
         lines = "".join(json.dumps(r) + "\n" for r in records)
         dg.atomic_write(args.out, lambda f: f.write(lines))
@@ -1120,13 +1174,18 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=200, help="steps between validation solves (0: never)")
     p.add_argument("--eval-puzzles", type=int, default=128, help="validation puzzles per evaluation")
-    p.add_argument("--eval-batch", type=int, default=256, help="puzzles solved together")
+    p.add_argument("--eval-batch", type=int, default=256,
+                   help="puzzles solved together (with --attempts K: about this many rows, K per puzzle)")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --puzzles and exit")
     p.add_argument("--checkpoint", help="checkpoint for --eval-only (default: the bundled one)")
     p.add_argument("--puzzles", nargs="+", help="for --eval-only: files of puzzles, one per line")
     p.add_argument("--max-steps", type=int, nargs="+", default=[48],
                    help="for --eval-only: maximum denoising steps (several values: a solve-rate-vs-steps table)")
+    p.add_argument("--attempts", type=int,
+                   help="for --eval-only: denoising chains per puzzle, run together; a check of the Sudoku rules "
+                        "keeps a valid one (not a solver; K times the compute). Default: \"attempts\" in the "
+                        "checkpoint's sudoku.json, else 1")
     p.add_argument("--make-test-sets", metavar="DIR", help="write fresh held-out puzzle files (1,000 per bucket)")
     args = p.parse_args(argv)
     if args.eval_only and not args.puzzles:
