@@ -11,7 +11,7 @@ mask token); each step samples every position, keeps the lowest-entropy ones und
 bound and re-noises the rest; the block's argmax is emitted and committed; the next block follows.
 The plain path (KVCache, an expert loop) is the readable reference, tested against transformers;
 FastPath runs the same modules with a static cache, grouped-GEMM experts and CUDA graphs, tested
-against the plain path.
+against the plain path. experts_to_fp8() is an opt-in approximation for speed: float8 experts.
 
 Quirks of the architecture that are easy to get wrong (all checked against transformers in tests):
   1. RMSNorm multiplies by `w`, not `1 + w` (Gemma 4, unlike Gemma 1-3); it runs in fp32 inside.
@@ -810,19 +810,23 @@ class DiffusionGemma(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def compile_layers(self):
+    def compile_layers(self, autotune=False):
         """torch.compile the elementwise-heavy parts of the model so that their many small kernels fuse:
         every layer's Attention.project and Layer.feed_forward (norms, RoPE, gates, routing, the experts'
         gather and sum), the explicit attention's masked softmax, and the head and self-conditioning
         product (softcap, softmax: one kernel per vocabulary chunk). Matmuls and the KV cache stay as they
         are. Used by train_sudoku.py on GPU (1.8x per step for the Sudoku model on an H100) and by
         FastPath(compile_layers=True). Each distinct shape, grad mode and encoder flag compiles once; layers
-        of the same shape share the compiled code (hence the raised recompile limit)."""
+        of the same shape share the compiled code (hence the raised recompile limit).
+        autotune: compile Layer.feed_forward with inductor's max-autotune, which times Triton templates
+        against aten for each of its GEMM shapes, grouped-GEMM templates with 16-row tiles among them (on an
+        H100, the 26B experts' GEMMs 8-12% faster than aten's); each new shape takes seconds to minutes."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         softmax = torch.compile(masked_softmax, dynamic=False)
+        mode = "max-autotune-no-cudagraphs" if autotune else None  # (the fast path records its own graphs)
         for layer in self.layers:
             layer.self_attn.softmax = softmax
-            layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False)
+            layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False, mode=mode)
             layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=False)
         self.head = torch.compile(self.head, dynamic=False)
         self.soft_embedding = torch.compile(self.soft_embedding, dynamic=False)
@@ -1389,12 +1393,12 @@ class FastPath:
     once the model has its final device and dtype: the recorded graphs hold the weights' addresses.
     compile_sampler (CUDA): fuse the sampler's elementwise passes over the logits with torch.compile
     (same random draws; roundings may differ in the last bit). compile_layers (bf16 weights):
-    model.compile_layers(), so that the recorded passes replay fused kernels (on an H100 at the 26B shape:
-    1.11x on a denoising pass, 1.30x on an AR token); the prefill stays eager (compiling its chunk shape
-    would cost more than it saves once). timing: time every pass with CUDA events."""
+    model.compile_layers(autotune), so that the recorded passes replay fused kernels (README.md has the
+    H100 figures at the 26B shape); the prefill stays eager (compiling its chunk shape would cost more
+    than it saves once). timing: time every pass with CUDA events."""
 
     def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=2048, vocab_chunk=32768,
-                 sampler_rows=None, compile_sampler=False, compile_layers=False, timing=False):
+                 sampler_rows=None, compile_sampler=False, compile_layers=False, autotune=False, timing=False):
         cfg, w = model.cfg, model.embed_tokens.weight
         self.model, self.device, self.dtype = model, w.device, w.dtype
         model.set_experts_impl("grouped")
@@ -1409,7 +1413,7 @@ class FastPath:
                 raise DiffusionGemmaError(f"compiled layers need bf16 weights (torch.compile's grouped expert GEMM "
                                           f"is bf16 only), not {str(self.dtype).replace('torch.', '')}; "
                                           f"use dtype bfloat16 or leave the layers eager")
-            model.compile_layers()
+            model.compile_layers(autotune)
         self.timing, self.events = timing and cuda, defaultdict(list)
         # the inputs of the recorded passes: copied in before each replay
         B, C, dev = batch_size, cfg.canvas_length, self.device

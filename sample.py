@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-layers", action="store_true",
                    help="fast path: torch.compile the layers' norms, RoPE, gates and routing (fewer, fused kernels; "
                         "bf16 weights; the first pass pays for compiling)")
+    p.add_argument("--autotune", action="store_true",
+                   help="with --compile-layers: let inductor time Triton templates against aten for the "
+                        "feed-forward's GEMMs (max-autotune; faster expert GEMMs, minutes more compiling once)")
     p.add_argument("--fp8", action="store_true",
                    help="store the routed experts in float8 e4m3 with one scale per output row: half the bytes a "
                         "pass streams, faster on an H100; an approximation of the bf16 model, not exact (inference)")
@@ -136,7 +139,7 @@ def benchmark(args, model, run, fast, device):
           f"weights {weight_bytes_per_pass(model, 10**9) / 1e9:.1f} GB | batch {B} | prompt {T} | "
           f"fast path {'with' if fast.graphs else 'without'} CUDA graphs, "
           f"{'compiled' if fast.sampler is not dg.sampler_math else 'eager'} sampler, "
-          f"{'compiled' if fast.compiled_layers else 'eager'} layers, {'fp8' if args.fp8 else 'bf16'} experts")
+          f"{'compiled' if fast.compiled_layers else 'eager'} layers{' (autotuned)' if args.autotune else ''}, {'fp8' if args.fp8 else 'bf16'} experts")
     print(f"{'pass':8} {'calls':>6} {'median ms':>10} {'weights GB':>11} {'floor ms':>9} {'of copy bw':>11}")
     for name, ms in times.items():
         tokens, head = passes[name]
@@ -231,7 +234,10 @@ def main(argv=None):
     if args.fast if args.fast is not None else device.startswith("cuda"):
         new = gen.max_new_tokens if args.mode == "ar" else -(-gen.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
         fast = dg.FastPath(model, batch_size=args.batch, capacity=len(ids) + new, timing=args.benchmark,
-                           compile_sampler=args.compile_sampler is not False, compile_layers=args.compile_layers)
+                           compile_sampler=args.compile_sampler is not False, compile_layers=args.compile_layers,
+                           autotune=args.autotune)
+    if args.autotune and not args.compile_layers:
+        raise dg.DiffusionGemmaError("--autotune tunes the compiled layers; add --compile-layers")
     if args.compile_layers and fast is None:
         raise dg.DiffusionGemmaError("--compile-layers works on the fast path; add --fast (or use a CUDA device)")
     if args.benchmark and (fast is None or not device.startswith("cuda")):
