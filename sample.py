@@ -139,7 +139,8 @@ def benchmark(args, model, run, fast, device):
           f"weights {weight_bytes_per_pass(model, 10**9) / 1e9:.1f} GB | batch {B} | prompt {T} | "
           f"fast path {'with' if fast.graphs else 'without'} CUDA graphs, "
           f"{'compiled' if fast.sampler is not dg.sampler_math else 'eager'} sampler, "
-          f"{'compiled' if fast.compiled_layers else 'eager'} layers{' (autotuned)' if args.autotune else ''}, {'fp8' if args.fp8 else 'bf16'} experts")
+          f"{'compiled' if fast.compiled_layers else 'eager'} layers{' (autotuned)' if args.autotune else ''}, "
+          f"{'fp8' if args.fp8 else 'bf16'} experts")
     print(f"{'pass':8} {'calls':>6} {'median ms':>10} {'weights GB':>11} {'floor ms':>9} {'of copy bw':>11}")
     for name, ms in times.items():
         tokens, head = passes[name]
@@ -228,20 +229,21 @@ def main(argv=None):
         args.batch = attempts  # the chains are the batch's rows
     prompts = [ids] * args.batch
 
+    use_fast = args.fast if args.fast is not None else device.startswith("cuda")
+    if args.autotune and not args.compile_layers:
+        raise dg.DiffusionGemmaError("--autotune tunes the compiled layers; add --compile-layers")
+    if args.compile_layers and not use_fast:
+        raise dg.DiffusionGemmaError("--compile-layers works on the fast path; add --fast (or use a CUDA device)")
+    if args.benchmark and not (use_fast and device.startswith("cuda")):
+        raise dg.DiffusionGemmaError("--benchmark times the fast path on a CUDA device; use --device cuda")
     if args.fp8:
         model.experts_to_fp8()
     fast = None
-    if args.fast if args.fast is not None else device.startswith("cuda"):
+    if use_fast:
         new = gen.max_new_tokens if args.mode == "ar" else -(-gen.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
         fast = dg.FastPath(model, batch_size=args.batch, capacity=len(ids) + new, timing=args.benchmark,
                            compile_sampler=args.compile_sampler is not False, compile_layers=args.compile_layers,
                            autotune=args.autotune)
-    if args.autotune and not args.compile_layers:
-        raise dg.DiffusionGemmaError("--autotune tunes the compiled layers; add --compile-layers")
-    if args.compile_layers and fast is None:
-        raise dg.DiffusionGemmaError("--compile-layers works on the fast path; add --fast (or use a CUDA device)")
-    if args.benchmark and (fast is None or not device.startswith("cuda")):
-        raise dg.DiffusionGemmaError("--benchmark times the fast path on a CUDA device; use --device cuda")
 
     def run():
         if args.mode == "ar":
