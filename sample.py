@@ -27,7 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the Gemma 4 chat format with thinking off (default: on)")
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the checkpoint's, 256 = one block)")
-    p.add_argument("--steps", type=int, help="maximum denoising steps per block (default 48)")
+    p.add_argument("--steps", type=int, help="maximum denoising steps per block (default: the checkpoint's "
+                                                 "generation_config.json, else 48)")
     p.add_argument("--entropy-bound", type=float, help="entropy budget of accepted positions per step, nats (default 0.1)")
     p.add_argument("--t-max", type=float, help="temperature at the first denoising step (default 0.8)")
     p.add_argument("--t-min", type=float, help="temperature the schedule anneals towards (default 0.4)")

@@ -1218,6 +1218,13 @@ def test_eval_only_and_sample_py_with_attempts(tmp_path):
     s = run_sample("--prompt", EASY, "--device", "cpu", "--attempts", "2")
     assert s.returncode == 0, s.stderr
     assert "solved by chain " in s.stdout and " of 2 " in s.stdout
+    # without --max-steps (and --attempts): the bundled checkpoint's step cap and chains
+    one = tmp_path / "one.txt"
+    one.write_text(EASY + "\n")
+    d = run_train_sudoku("--eval-only", "--puzzles", str(one), "--device", "cpu")
+    cap = dg.GenerationConfig.from_pretrained(ts.BUNDLED).max_denoising_steps
+    assert d.returncode == 0 and f"max {cap} steps" in d.stdout, d.stderr
+    assert f"{ts.read_attempts(None, ts.BUNDLED)} chains + rule check" in d.stdout
 
 
 def test_attempts_must_be_a_whole_number_of_chains(tmp_path):

@@ -1125,6 +1125,7 @@ def eval_only(args):
         raise dg.DiffusionGemmaError(f"{ckpt!r} is not a Sudoku checkpoint (no sudoku.json); train one with "
                                      f"train_sudoku.py or omit --checkpoint for the bundled one")
     attempts = read_attempts(args.attempts, ckpt)
+    step_limits = args.max_steps or [dg.GenerationConfig.from_pretrained(ckpt).max_denoising_steps]
     files = {path: read_puzzle_file(path) for path in args.puzzles}
     model = dg.DiffusionGemma.from_pretrained(ckpt, device=device,
                                               dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -1134,7 +1135,7 @@ def eval_only(args):
     summary, records = [], []
     for path, puzzles in files.items():
         grades = _batch_grade(puzzles)
-        for max_steps in args.max_steps:
+        for max_steps in step_limits:
             print(f"\n{len(puzzles)} puzzles from {path}; checkpoint {ckpt}; max {max_steps} steps; {device}")
             res = evaluate(model, tok, fmt, puzzles, max_steps=max_steps, batch_size=args.eval_batch, seed=args.seed,
                            attempts=attempts, checkpoint=ckpt)
@@ -1142,7 +1143,7 @@ def eval_only(args):
             lo, hi = wilson(res["solved"], res["n"])
             summary.append((os.path.basename(path), max_steps, res["solved"], first_chain_solved(res["records"]),
                             res["n"], lo, hi, res["mean_steps"]))
-            if max_steps == args.max_steps[0]:
+            if max_steps == step_limits[0]:
                 records += [dict(puzzle=r["puzzle"], output=r["output"], steps=r["steps"], solved=r["solved"],
                                  attempt=r["attempt"], valid_chains=r["valid_chains"], grade=gr)
                             for r, gr in zip(res["records"], grades)]
@@ -1198,8 +1199,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --puzzles and exit")
     p.add_argument("--checkpoint", help="checkpoint for --eval-only (default: the bundled one)")
     p.add_argument("--puzzles", nargs="+", help="for --eval-only: files of puzzles, one per line")
-    p.add_argument("--max-steps", type=int, nargs="+", default=[48],
-                   help="for --eval-only: maximum denoising steps (several values: a solve-rate-vs-steps table)")
+    p.add_argument("--max-steps", type=int, nargs="+",
+                   help="for --eval-only: maximum denoising steps (several values: a solve-rate-vs-steps table; "
+                        "default: the checkpoint's generation_config.json, else 48)")
     p.add_argument("--attempts", type=int,
                    help="for --eval-only: denoising chains per puzzle, run together; a check of the Sudoku rules "
                         "keeps a valid one (not a solver; K times the compute). Default: \"attempts\" in the "
