@@ -765,6 +765,8 @@ def test_sample_py_end_to_end(text_ckpt):
     assert ar.returncode == 0 and "tok/s" in ar.stdout, ar.stderr
     batch = run_sample(*base, "--batch", "3")
     assert batch.returncode == 0, batch.stderr
+    fp8 = run_sample(*base, "--seed", "1", "--fp8")  # float8 experts (the CPU reference math)
+    assert fp8.returncode == 0 and "tok/s" in fp8.stdout, fp8.stderr
 
 
 @pytest.mark.parametrize("args,message", [
