@@ -333,7 +333,9 @@ def attend(q, k, v, bias, softmax=masked_softmax):
     keys). There, outside autograd, explicit matmuls run instead, with fp32 scores like the fused kernels."""
     B, kv, R, D = q.shape
     S = k.shape[2]
-    if torch.is_grad_enabled() or B * kv * R * S > 2 ** 26:  # (beyond 64M scores: the fused kernels)
+    # the fused kernels for training, for many query rows (a prefill chunk; a canvas has G*T <= 2048), and
+    # beyond 256M scores (1 GiB in fp32; at batch 1 the full layers' canvas rows stay under it to a 64k context)
+    if torch.is_grad_enabled() or R > 2048 or B * kv * R * S > 2 ** 28:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
     if q.is_cuda and q.dtype != torch.float32 and BMM_FP32_OUT:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import diffusiongemma as dg
 import train_sudoku as ts
@@ -217,6 +218,20 @@ def test_grouped_experts_match_loop():
         a = model.set_experts_impl("loop")(prompt, canvas)
         b = model.set_experts_impl("grouped")(prompt, canvas)
     assert rel_err(b, a) < 1e-5
+
+
+def test_explicit_attention_matches_sdpa():
+    """attend's explicit matmuls (few query rows, no autograd: the fast path) compute SDPA's attention, masked,
+    at scale 1; many query rows (a prefill chunk) go to SDPA itself."""
+    g = torch.Generator().manual_seed(0)
+    for rows in (64, 4096):
+        q, k, v = (torch.randn(1, 2, n, 32, generator=g) for n in (rows, 300, 300))
+        mask = torch.rand(1, 1, rows, 300, generator=g) > 0.3
+        mask[..., 0] = True  # every row sees a key
+        bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+        with torch.no_grad():
+            got = dg.attend(q, k, v, bias)
+        assert rel_err(got, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)) < 1e-5
 
 
 def test_fp8_experts_approximate_bf16(tmp_path):
