@@ -408,7 +408,8 @@ class Experts(nn.Module):
     first), down_proj [E, H, I]. Two ways to run them, tested equal:
       * `loop`: one small matmul pair per expert that got tokens (plain, readable: the reference);
       * `grouped`: sort the (token, expert) pairs by expert and run one grouped GEMM per projection
-        (torch._grouped_mm), with no host synchronisation: the fast path on GPU."""
+        (torch._grouped_mm), with no host synchronisation: the fast path on GPU.
+    to_fp8() turns the grouped path into a float8 one (per-row scales): faster, and an approximation."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -421,8 +422,8 @@ class Experts(nn.Module):
     @torch.no_grad()
     def to_fp8(self):
         """Stores both projections as float8 e4m3 with one fp32 scale per output row of each expert: half
-        the bytes a pass streams, at the cost of exactness (inference only; runs grouped). One expert
-        at a time, so the extra memory is one expert's fp32 copy."""
+        the bytes a pass streams, at the cost of exactness (inference only; runs grouped). Quantised one
+        expert at a time: the extra memory is one projection's float8 copy and one expert's fp32 temporaries."""
         for name in ("gate_up_proj", "down_proj"):
             w = getattr(self, name)
             q = torch.empty(w.shape, dtype=FP8, device=w.device)
