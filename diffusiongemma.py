@@ -382,7 +382,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
 
-def to_fp8(x):
+def quantize_fp8(x):
     """x [..., K] -> (float8 e4m3 values, fp32 decode scale per row [...]): x ~= values * scale[..., None]."""
     scale = x.abs().amax(-1).float().clamp(min=1e-12) / FP8_MAX
     return (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
@@ -396,7 +396,7 @@ def grouped_mm(x, w, offsets, scale=None):
     dequantised operands: the reference that a GPU test compares the kernel with."""
     if scale is None:
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
-    xq, x_scale = to_fp8(x)
+    xq, x_scale = quantize_fp8(x)
     if x.is_cuda:
         return torch._scaled_grouped_mm(xq, w.transpose(1, 2), x_scale, scale, offs=offsets, out_dtype=torch.bfloat16)
     xd, wd = xq.float() * x_scale[:, None], w.float() * scale[..., None]
@@ -429,7 +429,7 @@ class Experts(nn.Module):
             q = torch.empty(w.shape, dtype=FP8, device=w.device)
             scale = torch.empty(w.shape[:2], dtype=torch.float32, device=w.device)
             for e in range(w.shape[0]):
-                q[e], scale[e] = to_fp8(w[e])
+                q[e], scale[e] = quantize_fp8(w[e])
             setattr(self, name, nn.Parameter(q, requires_grad=False))
             setattr(self, name.replace("_proj", "_scale"), scale)
         self.impl = "grouped"

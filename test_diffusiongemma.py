@@ -274,7 +274,7 @@ def test_fp8_grouped_kernel_matches_reference():
     the same dequantised float8 operands)."""
     g = torch.Generator().manual_seed(0)
     E, H, out = 8, 256, 384
-    w, scale = dg.to_fp8(torch.randn(E, out, H, generator=g) * 0.02)
+    w, scale = dg.quantize_fp8(torch.randn(E, out, H, generator=g) * 0.02)
     x = torch.randn(100, H, generator=g).bfloat16()
     offsets = torch.tensor([0, 10, 10, 30, 55, 70, 99, 100], dtype=torch.int32)
     ref = dg.grouped_mm(x, w, offsets, scale)  # CPU: the reference
@@ -782,6 +782,7 @@ def test_sample_py_end_to_end(text_ckpt):
     assert batch.returncode == 0, batch.stderr
     fp8 = run_sample(*base, "--seed", "1", "--fp8")  # float8 experts (the CPU reference math)
     assert fp8.returncode == 0 and "tok/s" in fp8.stdout, fp8.stderr
+    assert fp8.stdout.splitlines()[:-1] != a.stdout.splitlines()[:-1]  # they ran: the approximation moves the text
 
 
 @pytest.mark.parametrize("args,message", [
