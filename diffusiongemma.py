@@ -287,12 +287,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.eps = cfg.rms_norm_eps
         self.softmax = masked_softmax  # the explicit attention's softmax (compile_layers swaps in a fused one)
+        self.register_buffer("fused", None, persistent=False)  # q, k (, v) weights in one tensor: fuse_linears
 
     def forward(self, x, cos, sin, keys_values, mask):
         """x [B, T, H] (normed); keys_values(k, v) -> the keys and values to attend to [B, kv_heads, S+T, D]:
-        the cache's S, then this pass's own T (see KVCache.keys_values); mask [B, 1, G*T, S+T] additive
-        (0 or -inf), its T query rows repeated for the G = heads / kv_heads query heads that share a KV head
-        (see attention_bias). Returns the output [B, T, H] and this pass's own k, v [B, kv_heads, T, D]."""
+        the cache's S, then this pass's own T (see KVCache.keys_values); mask [B, 1, T, S+T] additive
+        (0 or -inf, see attention_bias), the same for every head. Returns the output [B, T, H] and this pass's
+        own k, v [B, kv_heads, T, D]."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         k_all, v_all = keys_values(k, v)
@@ -304,12 +305,17 @@ class Attention(nn.Module):
         y = y.unflatten(2, (G, T)).permute(0, 3, 1, 2, 4).reshape(B, T, self.heads * self.head_dim)
         return self.o_proj(y), k, v
 
+    def projections(self):
+        """The linears that read the normed input: q, k, and v where the layer has one."""
+        return [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj is not None else [])
+
     def project(self, x, cos, sin):
         """x [B, T, H] -> q [B, heads, T, D], k, v [B, kv_heads, T, D]: normed per head, RoPE on q and k."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
-        k_raw = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        v_raw = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+        outs = linears_forward(x, self.projections(), self.fused)
+        q = outs[0].view(B, T, self.heads, self.head_dim)
+        k_raw = outs[1].view(B, T, self.kv_heads, self.head_dim)
+        v_raw = outs[2].view(B, T, self.kv_heads, self.head_dim) if len(outs) == 3 else k_raw
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)              # [B, heads, T, D]
         k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)          # [B, kv, T, D]
         v = rms_norm(v_raw, None, self.eps).transpose(1, 2)                   # weightless norm, no RoPE
@@ -320,22 +326,27 @@ BMM_FP32_OUT = "dtype" in torch.ops.aten.bmm.overloads()  # torch.bmm(..., out_d
 
 
 def masked_softmax(scores, bias, dtype):
-    """fp32 scores [B, kv, R, S] + additive bias [B, 1, R, S] -> softmax over S, cast to dtype.
-    Three passes over the largest tensor of a pass when eager; model.compile_layers() fuses them into one."""
-    return torch.softmax(scores + bias, dim=-1).to(dtype)
+    """fp32 scores [B, kv, G*T, S] + additive bias [B, 1, T, S], the same for the G query heads of a KV head
+    -> softmax over S, cast to dtype. Three passes over the largest tensor of a pass when eager;
+    model.compile_layers() fuses them into one."""
+    B, kv, R, S = scores.shape
+    T = bias.shape[2]
+    return torch.softmax(scores.view(B, kv, R // T, T, S) + bias[:, :, None], dim=-1).to(dtype).view(B, kv, R, S)
 
 
 def attend(q, k, v, bias, softmax=masked_softmax):
     """softmax(q k^T + bias) v per KV head, scale 1.0 (q and k are RMS-normalised per head):
-    q [B, kv, R, D] (R = G*T query rows), k, v [B, kv, S, D], bias [B, 1, R, S] -> [B, kv, R, D].
+    q [B, kv, R, D] (R = G*T query rows: G query heads of T tokens each), k, v [B, kv, S, D], bias [B, 1, T, S]
+    (0 or -inf, shared by the G heads) -> [B, kv, R, D].
     SDPA's fused kernels spread only query rows over the GPU: with the few rows of a denoising step, a
     commit or an AR token they leave most of it idle (one AR query row: a handful of blocks walk all the
     keys). There, outside autograd, explicit matmuls run instead, with fp32 scores like the fused kernels."""
     B, kv, R, D = q.shape
-    S = k.shape[2]
+    T, S = bias.shape[2], k.shape[2]
     # the fused kernels for training, for many query rows (a prefill chunk; a canvas has G*T <= 2048), and
     # beyond 256M scores (1 GiB in fp32; at batch 1 the full layers' canvas rows stay under it to a 64k context)
     if torch.is_grad_enabled() or R > 2048 or B * kv * R * S > 2 ** 28:
+        bias = bias[:, :, None].expand(B, 1, R // T, T, S).reshape(B, 1, R, S)  # SDPA wants a mask row per query row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
     if q.is_cuda and q.dtype != torch.float32 and BMM_FP32_OUT:
@@ -346,6 +357,38 @@ def attend(q, k, v, bias, softmax=masked_softmax):
     return torch.bmm(probs.flatten(0, 1), v).view(B, kv, R, D)
 
 
+def softcap(logits, cap):
+    """cap * tanh(logits / cap), in fp32: Gemma's final logit softcapping."""
+    return cap * torch.tanh(logits.float() / cap)
+
+
+def softcap_into(out, logits, cap):
+    """out[...] = softcap(logits, cap): one vocabulary chunk of the fast path's head, written into its slice of
+    the fp32 logits (compile_layers fuses it into one kernel per chunk)."""
+    out.copy_(softcap(logits, cap))
+
+
+def fuse_linears(linears):
+    """Concatenates the weights of linears that read the same input into one tensor [sum of outputs, in] and
+    makes each weight a view of its rows: one GEMM instead of several (larger, so nearer the memory
+    bandwidth), every weight still stored once. For inference once the model has its final device and dtype
+    (.to() would copy the views apart)."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    row = 0
+    for lin in linears:
+        lin.weight.data = fused[row:row + lin.out_features]
+        row += lin.out_features
+    return fused
+
+
+def linears_forward(x, linears, fused=None):
+    """[lin(x) for lin in linears], computed as one GEMM with the fused weight (fuse_linears) when there is
+    one and autograd is off (gradients reach the weights only through the linears themselves)."""
+    if fused is None or torch.is_grad_enabled():
+        return [lin(x) for lin in linears]
+    return F.linear(x, fused).split([lin.out_features for lin in linears], -1)
+
+
 class MLP(nn.Module):
     """Gated GELU-tanh MLP: down(gelu(gate(x)) * up(x))."""
 
@@ -354,9 +397,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.register_buffer("fused", None, persistent=False)  # gate and up weights in one tensor: fuse_linears
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = linears_forward(x, [self.gate_proj, self.up_proj], self.fused)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Router(nn.Module):
@@ -665,12 +710,9 @@ def attention_mask(q_pos, k_pos, k_valid, causal: bool, window: int | None, band
     return ok | (d == 0)[None, None]
 
 
-def attention_bias(mask, groups: int, dtype):
-    """Boolean mask [B, 1, T, S] -> what SDPA adds to the scores (0 where allowed, -inf elsewhere), its rows
-    repeated for the `groups` query heads that share a KV head: [B, 1, groups*T, S] (see Attention.forward)."""
-    B, _, T, S = mask.shape
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return bias.expand(B, groups, T, S).reshape(B, 1, groups * T, S)
+def attention_bias(mask, dtype):
+    """Boolean mask [B, 1, T, S] -> what attention adds to the scores: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 # -----------------------------------------------------------------------------
@@ -686,6 +728,7 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
         self._inv_freq = {}  # device -> {layer type: fp32 inverse frequencies}; kept out of .to(dtype)
+        self.softcap_into = softcap_into  # the head's chunk epilogue (compile_layers swaps in a fused one)
         # sqrt(H) rounded to each float dtype the weights may have (Python numbers: no tensor, no sync)
         self._embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt, device="cpu").item()
                              for dt in (torch.float32, torch.bfloat16, torch.float16)}
@@ -706,12 +749,10 @@ class DiffusionGemma(nn.Module):
         so the bf16 product and the softcap's fp32 temporaries stay [..., chunk]."""
         cap, E = self.cfg.final_logit_softcapping, self.embed_tokens.weight
         if chunk is None:
-            return cap * torch.tanh(F.linear(h, E).float() / cap)
+            return softcap(F.linear(h, E), cap)
         out = torch.empty(*h.shape[:-1], E.shape[0], dtype=torch.float32, device=h.device)
         for a in range(0, E.shape[0], chunk):
-            o = out[..., a:a + chunk]
-            o.copy_(F.linear(h, E[a:a + chunk]))
-            o.div_(cap).tanh_().mul_(cap)
+            self.softcap_into(out[..., a:a + chunk], F.linear(h, E[a:a + chunk]), cap)
         return out
 
     def rope(self, positions, dtype):
@@ -739,8 +780,7 @@ class DiffusionGemma(nn.Module):
                 window = None  # "anchored": every canvas query sees the whole cached tail and the canvas
             mask = attention_mask(positions, torch.cat([ctx_pos, positions]), torch.cat([ctx_valid, valid], 1),
                                   causal=encoder, window=window, band=not encoder)
-            kv_heads = cfg.num_key_value_heads if kind == SLIDING else cfg.num_global_key_value_heads
-            masks[kind] = attention_bias(mask, cfg.num_attention_heads // kv_heads, x.dtype)
+            masks[kind] = attention_bias(mask, x.dtype)
         for i, layer in enumerate(self.layers):
             kind = cfg.layer_types[i]
             x, k, v = layer(x, *rope[kind], partial(cache.keys_values, i), masks[kind], encoder)
@@ -816,9 +856,9 @@ class DiffusionGemma(nn.Module):
     def compile_layers(self, autotune=False):
         """torch.compile the elementwise-heavy parts of the model so that their many small kernels fuse:
         every layer's Attention.project and Layer.feed_forward (norms, RoPE, gates, routing, the experts'
-        gather and sum), the explicit attention's masked softmax, and the head and self-conditioning
-        product (softcap, softmax: one kernel per vocabulary chunk). Matmuls and the KV cache stay as they
-        are. Used by train_sudoku.py on GPU (1.8x per step for the Sudoku model on an H100) and by
+        gather and sum), the explicit attention's masked softmax, the head's softcap (one kernel per
+        vocabulary chunk, written straight into the logits) and the self-conditioning product's softmax.
+        Matmuls and the KV cache stay as they are. Used by train_sudoku.py on GPU (1.8x per step for the Sudoku model on an H100) and by
         FastPath(compile_layers=True). Each distinct shape, grad mode and encoder flag compiles once; layers
         of the same shape share the compiled code (hence the raised recompile limit).
         autotune: compile Layer.feed_forward with inductor's max-autotune, which times Triton templates
@@ -831,8 +871,17 @@ class DiffusionGemma(nn.Module):
             layer.self_attn.softmax = softmax
             layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False, mode=mode)
             layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=False)
-        self.head = torch.compile(self.head, dynamic=False)
+        self.softcap_into = torch.compile(softcap_into, dynamic=False)
         self.soft_embedding = torch.compile(self.soft_embedding, dynamic=False)
+        return self
+
+    def fuse_projections(self):
+        """Every attention's q/k(/v) and every MLP's gate/up weights as one tensor each (fuse_linears): three
+        GEMMs fewer per layer in the fast path, the weights still stored once."""
+        for layer in self.layers:
+            layer.self_attn.fused = fuse_linears(layer.self_attn.projections())
+        for mlp in [layer.mlp for layer in self.layers] + [self.self_conditioning]:
+            mlp.fused = fuse_linears([mlp.gate_proj, mlp.up_proj])
         return self
 
     def experts_to_fp8(self):
@@ -981,7 +1030,9 @@ def save_checkpoint(model, path, max_shard_bytes=5 * 10**9, extra_files=None):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path))
     try:
-        tensors = {hf_name(n): p.detach().contiguous() for n, p in model.named_parameters()}
+        # a weight that fuse_projections made a view of a larger tensor is copied out to be saved on its own
+        tensors = {hf_name(n): p.detach().clone() if p.untyped_storage().nbytes() > p.numel() * p.element_size()
+                   else p.detach().contiguous() for n, p in model.named_parameters()}
         dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
         shards, current, size = [], {}, 0
         for name, t in tensors.items():
@@ -1385,6 +1436,7 @@ class FastPath:
     """Runs the passes of generate / generate_ar the fast way, for one batch size, up to `capacity` tokens:
       * the experts as grouped GEMMs (Experts.forward_grouped); masks and positions are device tensors,
         so a denoising step never waits for the host;
+      * each layer's q/k/v and gate/up projections as one GEMM each (model.fuse_projections);
       * a StaticKVCache, so a pass over a fixed number of tokens (denoise a canvas, commit a block, one
         autoregressive token) has fixed shapes and addresses: on CUDA each is recorded once as a CUDA
         graph and replayed, with no Python and no launch overhead (a pass is ~2,000 kernels, which take
@@ -1405,6 +1457,7 @@ class FastPath:
         cfg, w = model.cfg, model.embed_tokens.weight
         self.model, self.device, self.dtype = model, w.device, w.dtype
         model.set_experts_impl("grouped")
+        model.fuse_projections()
         cuda = self.device.type == "cuda"
         self.cache = StaticKVCache(cfg, batch_size, -(-capacity // 64) * 64, self.device, self.dtype)
         self.graphs, self.recorded = graphs and cuda, {}

@@ -181,7 +181,7 @@ def test_hf_checkpoint_loads_and_ours_loads_in_hf(tmp_path):
         for i, layer in enumerate(ref.model.encoder.language_model.layers):
             layer.layer_scalar.fill_(1.3 - 0.1 * i)
     ref.save_pretrained(tmp_path / "hf")
-    ours = DiffusionGemma.from_pretrained(str(tmp_path / "hf"), sliding_window_mode="anchored")
+    ours = DiffusionGemma.from_pretrained(str(tmp_path / "hf"), sliding_window_mode="anchored", device="cpu")
     assert ours.layers[0].encoder_layer_scalar.item() == pytest.approx(1.3)
     assert ours.layers[1].layer_scalar.item() == pytest.approx(0.7)
     prompt = torch.randint(3, 500, (1, 12), generator=g)
@@ -222,16 +222,41 @@ def test_grouped_experts_match_loop():
 
 def test_explicit_attention_matches_sdpa():
     """attend's explicit matmuls (few query rows, no autograd: the fast path) compute SDPA's attention, masked,
-    at scale 1; many query rows (a prefill chunk) go to SDPA itself."""
+    at scale 1, with one mask shared by the G query heads of a KV head; many query rows (a prefill chunk) go
+    to SDPA itself."""
     g = torch.Generator().manual_seed(0)
+    G = 2
     for rows in (64, 4096):
-        q, k, v = (torch.randn(1, 2, n, 32, generator=g) for n in (rows, 300, 300))
+        q, k, v = (torch.randn(1, 2, n, 32, generator=g) for n in (G * rows, 300, 300))
         mask = torch.rand(1, 1, rows, 300, generator=g) > 0.3
         mask[..., 0] = True  # every row sees a key
-        bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+        bias = dg.attention_bias(mask, torch.float32)
         with torch.no_grad():
             got = dg.attend(q, k, v, bias)
-        assert rel_err(got, F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)) < 1e-5
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.repeat(1, 1, G, 1), scale=1.0)
+        assert rel_err(got, want) < 1e-5
+
+
+def test_fused_projections_match_separate_ones(tmp_path):
+    """fuse_projections: q/k(/v) and gate/up run as one GEMM each and give the same logits; the weights become
+    views of the fused tensors (stored once), gradients still reach them, and a fused model saves and reloads."""
+    model = randomise_(DiffusionGemma(tiny_config()), seed=3)
+    g = torch.Generator().manual_seed(0)
+    prompt, canvas = torch.randint(3, 500, (2, 9), generator=g), torch.randint(0, 512, (2, 16), generator=g)
+    with torch.no_grad():
+        before = model(prompt, canvas)
+        model.fuse_projections()
+        after = model(prompt, canvas)
+    assert rel_err(after, before) < 1e-6
+    attn, mlp = model.layers[2].self_attn, model.layers[0].mlp  # a full layer (no v_proj) and a dense MLP
+    assert attn.fused.shape[0] == attn.q_proj.out_features + attn.k_proj.out_features
+    assert attn.k_proj.weight.data_ptr() == attn.fused[attn.q_proj.out_features:].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.fused[mlp.gate_proj.out_features:].data_ptr()
+    model(prompt, canvas).square().mean().backward()  # with autograd on, the separate linears run
+    assert attn.q_proj.weight.grad is not None and mlp.up_proj.weight.grad.abs().sum() > 0
+    model.save_pretrained(str(tmp_path / "fused"))
+    with torch.no_grad():
+        assert torch.equal(DiffusionGemma.from_pretrained(str(tmp_path / "fused"), device="cpu")(prompt, canvas), before)
 
 
 def test_fp8_experts_approximate_bf16(tmp_path):
@@ -382,7 +407,7 @@ def test_save_is_sharded_and_reloads(tmp_path):
     model.save_pretrained(str(tmp_path / "m"), max_shard_bytes=200_000)
     files = sorted(os.listdir(tmp_path / "m"))
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
-    back = DiffusionGemma.from_pretrained(str(tmp_path / "m"))
+    back = DiffusionGemma.from_pretrained(str(tmp_path / "m"), device="cpu")
     for (n, a), (_, b) in zip(model.named_parameters(), back.named_parameters()):
         assert torch.equal(a, b), n
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
@@ -407,46 +432,46 @@ def _rewrite_tensors(path, fn):
 
 def test_bad_checkpoints(tiny_ckpt, tmp_path):
     with pytest.raises(DiffusionGemmaError, match="does not exist"):
-        DiffusionGemma.from_pretrained(str(tmp_path / "nowhere"))
+        DiffusionGemma.from_pretrained(str(tmp_path / "nowhere"), device="cpu")
 
     p = _copy_ckpt(tiny_ckpt, tmp_path / "noconfig")
     os.remove(os.path.join(p, "config.json"))
     with pytest.raises(DiffusionGemmaError, match="no config.json"):
-        DiffusionGemma.from_pretrained(p)
+        DiffusionGemma.from_pretrained(p, device="cpu")
 
     p = _copy_ckpt(tiny_ckpt, tmp_path / "missing")
     _rewrite_tensors(p, lambda t: t.pop("model.decoder.layers.1.router.scale"))
     with pytest.raises(DiffusionGemmaError, match="missing .*router.scale"):
-        DiffusionGemma.from_pretrained(p)
+        DiffusionGemma.from_pretrained(p, device="cpu")
 
     p = _copy_ckpt(tiny_ckpt, tmp_path / "extra")
     _rewrite_tensors(p, lambda t: t.update({"model.decoder.layers.2.self_attn.v_proj.weight": torch.zeros(32, 64)}))
     with pytest.raises(DiffusionGemmaError, match="unexpected tensor .*layers.2.self_attn.v_proj"):
-        DiffusionGemma.from_pretrained(p)
+        DiffusionGemma.from_pretrained(p, device="cpu")
 
     p = _copy_ckpt(tiny_ckpt, tmp_path / "shape")
     _rewrite_tensors(p, lambda t: t.update({"model.decoder.norm.weight": torch.ones(65)}))
     with pytest.raises(DiffusionGemmaError, match=r"norm.weight.*shape \[65\]"):
-        DiffusionGemma.from_pretrained(p)
+        DiffusionGemma.from_pretrained(p, device="cpu")
 
     p = _copy_ckpt(tiny_ckpt, tmp_path / "mismatch")
     cfg = json.load(open(os.path.join(p, "config.json")))
     cfg["text_config"]["num_experts"] = 8
     json.dump(cfg, open(os.path.join(p, "config.json"), "w"))
     with pytest.raises(DiffusionGemmaError, match="does not match the weights"):
-        DiffusionGemma.from_pretrained(p)
+        DiffusionGemma.from_pretrained(p, device="cpu")
 
     p = _copy_ckpt(tiny_ckpt, tmp_path / "badjson")
     open(os.path.join(p, "config.json"), "w").write("{not json")
     with pytest.raises(DiffusionGemmaError, match="config.json is malformed"):
-        DiffusionGemma.from_pretrained(p)
+        DiffusionGemma.from_pretrained(p, device="cpu")
 
     p = _copy_ckpt(tiny_ckpt, tmp_path / "truncated")
     f = os.path.join(p, "model.safetensors")
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) // 2])
     with pytest.raises(DiffusionGemmaError, match="corrupt or truncated"):
-        DiffusionGemma.from_pretrained(p)
+        DiffusionGemma.from_pretrained(p, device="cpu")
 
 
 def test_bad_device_and_dtype():
@@ -524,7 +549,7 @@ def _hf_generate(ref, prompt, **kw):
 def test_generate_matches_transformers_token_for_token(gentle_ckpt, settings):
     """Same weights, same random draws (one generator, transformers' call order): same tokens.
     transformers draws from the global RNG, so it gets torch.manual_seed(s); ours a Generator seeded s."""
-    ours = DiffusionGemma.from_pretrained(gentle_ckpt, sliding_window_mode="anchored")
+    ours = DiffusionGemma.from_pretrained(gentle_ckpt, sliding_window_mode="anchored", device="cpu")
     ref = hf_model(gentle_ckpt)
     prompt = torch.randint(3, 500, (2, 7), generator=torch.Generator().manual_seed(1))
     common = dict(t_min=0.4, t_max=0.8, eos_token_id=[1, 106, 50], pad_token_id=0)
@@ -543,7 +568,7 @@ def test_generate_matches_transformers_token_for_token(gentle_ckpt, settings):
 
 
 def test_seed_reproduces_and_differs(tiny_ckpt):
-    model = DiffusionGemma.from_pretrained(tiny_ckpt)
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu")
     gen = GenerationConfig(max_new_tokens=32, max_denoising_steps=4)
     run = lambda seed: generate(model, [[2, 5, 6, 7]], gen, generator=torch.Generator().manual_seed(seed)).tokens  # noqa
     assert torch.equal(run(3), run(3))
@@ -559,7 +584,7 @@ def test_stop_tokens_pad_the_rest():
 
 def test_generation_stops_at_eos_and_pads(gentle_ckpt):
     """With a token the model emits often declared a stop token, rows end there and later blocks are pad."""
-    model = DiffusionGemma.from_pretrained(gentle_ckpt)
+    model = DiffusionGemma.from_pretrained(gentle_ckpt, device="cpu")
     g = torch.Generator().manual_seed(0)
     first = generate(model, [[2, 9, 9]], GenerationConfig(max_new_tokens=16, max_denoising_steps=3), generator=g)
     stop = first.tokens[0, 5].item()  # a token the model emits for this prompt and seed
@@ -573,7 +598,7 @@ def test_generation_stops_at_eos_and_pads(gentle_ckpt):
 
 def test_left_padding_does_not_change_a_row(tiny_ckpt):
     """A short prompt batched (left padded) with a long one gets the logits it gets alone."""
-    model = DiffusionGemma.from_pretrained(tiny_ckpt)
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu")
     short, long_ = [2, 7, 8, 9], [2] + list(range(20, 31))
     canvas = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -586,7 +611,7 @@ def test_left_padding_does_not_change_a_row(tiny_ckpt):
 
 
 def test_ar_baseline_is_greedy_decoding(tiny_ckpt):
-    model = DiffusionGemma.from_pretrained(tiny_ckpt)
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu")
     prompt = [2, 11, 12, 13]
     res = generate_ar(model, [prompt], max_new_tokens=5, eos_token_id=[9999])
     seq = list(prompt)
@@ -606,7 +631,7 @@ def test_generation_settings_are_validated():
 
 
 def test_prompt_longer_than_the_context_is_refused(tiny_ckpt):
-    model = DiffusionGemma.from_pretrained(tiny_ckpt)
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu")
     with pytest.raises(DiffusionGemmaError, match="exceeds the context of 1024"):
         generate(model, [[2] * 1010], GenerationConfig(max_new_tokens=16))
     with pytest.raises(DiffusionGemmaError, match="exceeds the context of 1024"):
@@ -645,8 +670,9 @@ def fast_path(model, batch_size, capacity=128):
 def test_fast_path_logits_match_plain(tiny_ckpt, mode):
     """The static cache (sliding layers in a ring), chunked prefill, chunked head and self-conditioning
     give the plain path's logits: after the prefill of a left-padded batch longer than the window, with
-    and without self-conditioning, and after a commit."""
-    model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window_mode=mode)
+    and without self-conditioning, and after a commit. (The plain path runs first, so before FastPath fuses
+    the projections: this also compares fused and separate GEMMs.)"""
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window_mode=mode, device="cpu")
     g = torch.Generator().manual_seed(5)
     ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]], 0, "cpu")
     canvas, block = torch.randint(0, 512, (2, 16), generator=g), torch.randint(3, 500, (2, 16), generator=g)
@@ -678,7 +704,7 @@ def test_fast_path_with_compiled_layers_matches_eager(gentle_ckpt):
     outputs = {}
     for name, dtype, compiled in [("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
                                   ("bf16 compiled", torch.bfloat16, True)]:
-        model = DiffusionGemma.from_pretrained(gentle_ckpt, dtype=dtype)
+        model = DiffusionGemma.from_pretrained(gentle_ckpt, dtype=dtype, device="cpu")
         fast = dg.FastPath(model, 2, capacity=64, compile_layers=compiled)
         fast.start(2, ids.shape[1] + 33)
         with torch.no_grad():
@@ -700,7 +726,7 @@ def test_fast_path_with_compiled_layers_matches_eager(gentle_ckpt):
 def test_fast_path_generates_the_plain_tokens(gentle_ckpt, settings):
     """generate and generate_ar give the same tokens on the fast path as on the plain one: a left-padded
     batch, a prompt beyond the sliding window, three blocks (two commits), adaptive stopping on and off."""
-    model = DiffusionGemma.from_pretrained(gentle_ckpt)
+    model = DiffusionGemma.from_pretrained(gentle_ckpt, device="cpu")
     prompts = [[2] + list(range(20, 39)), [2, 7, 8, 9]]
     gen = GenerationConfig(**settings)
     fast = fast_path(model, 2)
@@ -722,7 +748,7 @@ def test_fast_path_generates_the_plain_tokens(gentle_ckpt, settings):
 
 
 def test_fast_path_checks_its_sizes(tiny_ckpt):
-    model = DiffusionGemma.from_pretrained(tiny_ckpt)
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu")
     fast = fast_path(model, 1, capacity=64)
     with pytest.raises(DiffusionGemmaError, match="batch size 1, not 2"):
         generate(model, [[2, 3], [2, 4]], GenerationConfig(max_new_tokens=16), fast=fast)
@@ -1099,7 +1125,7 @@ def test_training_lowers_the_loss(sudoku_run):
                                                (["--stop-after-minutes", "0"], 1)])   # out of time after step 1
 def test_checkpoint_reloads_and_resumes_exactly(sudoku_run, stop, stopped_at):
     root, _ = sudoku_run
-    full = DiffusionGemma.from_pretrained(str(root / "full"))
+    full = DiffusionGemma.from_pretrained(str(root / "full"), device="cpu")
     # an 8-step run stopped early, then resumed, equals the uninterrupted run
     args = ["--steps", "8", "--batch-size", "8", "--train-puzzles", "300", "--data-dir", str(root / "data"),
             "--eval-every", "0", "--log-every", "2", "--save-every", "4", "--warmup", "2", "--lr", "3e-3",
@@ -1112,7 +1138,7 @@ def test_checkpoint_reloads_and_resumes_exactly(sudoku_run, stop, stopped_at):
     assert torch.load(stopped / "train_state.pt", weights_only=False)["step"] == stopped_at
     r = run_train_sudoku("--resume", str(stopped), "--out", str(resumed_dir), "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    resumed = DiffusionGemma.from_pretrained(str(resumed_dir))
+    resumed = DiffusionGemma.from_pretrained(str(resumed_dir), device="cpu")
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), n
     # and the checkpoint is a Hugging Face one with the sampler's files
@@ -1166,7 +1192,7 @@ def test_pick_attempt_takes_the_first_valid_grid():
 @pytest.fixture(scope="module")
 def bundled_sudoku():
     """The bundled Sudoku model (fp32, CPU) and its tokenizer."""
-    return DiffusionGemma.from_pretrained(ts.BUNDLED, dtype=torch.float32), dg.Tokenizer.from_pretrained(ts.BUNDLED)
+    return DiffusionGemma.from_pretrained(ts.BUNDLED, dtype=torch.float32, device="cpu"), dg.Tokenizer.from_pretrained(ts.BUNDLED)
 
 
 def test_evaluate_runs_chain_0_then_more_chains_for_the_unsolved(bundled_sudoku):
@@ -1275,5 +1301,5 @@ def test_fine_tune_from_a_hugging_face_checkpoint_uses_the_chat_format(text_ckpt
     prompt = tok.decode(ts.prompt_ids(tok, EASY, "chat"), strip_thoughts=False)
     assert prompt.startswith("system\nSolve the following Sudoku puzzle.") and "0 0 3 0 2 0 6 0 0\n9 0 0" in prompt
     # the fine-tuned weights moved away from the initial ones
-    a, b = DiffusionGemma.from_pretrained(text_ckpt), DiffusionGemma.from_pretrained(str(tmp_path / "ft"))
+    a, b = DiffusionGemma.from_pretrained(text_ckpt, device="cpu"), DiffusionGemma.from_pretrained(str(tmp_path / "ft"), device="cpu")
     assert not torch.equal(a.layers[0].mlp.up_proj.weight, b.layers[0].mlp.up_proj.weight)
