@@ -876,8 +876,8 @@ class DiffusionGemma(nn.Module):
         return self
 
     def fuse_projections(self):
-        """Every attention's q/k(/v) and every MLP's gate/up weights as one tensor each (fuse_linears): three
-        GEMMs fewer per layer in the fast path, the weights still stored once."""
+        """Every attention's q/k(/v) and every MLP's gate/up weights as one tensor each (fuse_linears): two
+        GEMMs fewer per layer in the fast path (three where a layer has v_proj), the weights still stored once."""
         for layer in self.layers:
             layer.self_attn.fused = fuse_linears(layer.self_attn.projections())
         for mlp in [layer.mlp for layer in self.layers] + [self.self_conditioning]:
