@@ -601,6 +601,10 @@ class KVCache:
         S = self.kept(kind)
         return torch.arange(self.length - S, self.length, device=device), self.valid[:, self.length - S:].to(device)
 
+    def own_keys(self, positions, valid):
+        """Positions [T] and validity [B, T] of the keys a pass adds after the cached ones (see keys_values)."""
+        return positions, valid
+
     def append(self, layer, k, v, positions):
         """Adds this pass's k, v [B, kv, T, D] at positions [T] (the next ones: appending is enough here)."""
         if self.k[layer] is not None:
@@ -655,16 +659,29 @@ class StaticKVCache:
     def positions(self, T, device):
         return self.length + torch.arange(T, device=device)
 
+    def padded(self, T):
+        """How many tail slots a pass of T tokens attends to: T rounded up to a multiple of 8 where the tail
+        has room. The extra slots are masked (own_keys); they keep the key rows 16-byte aligned, without
+        which cuBLAS runs an AR token's attention products (1 own key) in a slow fallback kernel."""
+        return T + -T % 8 if T + -T % 8 <= self.cfg.canvas_length else T
+
+    def own_keys(self, positions, valid):
+        """Positions and validity of the tail slots a pass attends to: its own T tokens, then padding."""
+        pad = self.padded(positions.shape[0]) - positions.shape[0]
+        return (torch.cat([positions, positions.new_full((pad,), self.EMPTY)]),
+                torch.cat([valid, valid.new_zeros(valid.shape[0], pad)], 1))
+
     def keys_values(self, layer, k, v):
         """The pass's own k, v go to the tail, so attention reads one buffer and nothing is concatenated
-        (a pass longer than the tail, a prefill chunk, concatenates)."""
+        (a pass longer than the tail, a prefill chunk, concatenates). Returns the cache's S slots and
+        padded(T) tail slots (see own_keys)."""
         S, T = self.slots[self.cfg.layer_types[layer]], k.shape[2]
         K, V = self.k[layer], self.v[layer]
         if T > K.shape[2] - S:
             return torch.cat([K[:, :, :S], k], dim=2), torch.cat([V[:, :, :S], v], dim=2)
         K[:, :, S:S + T] = k
         V[:, :, S:S + T] = v
-        return K[:, :, :S + T], V[:, :, :S + T]
+        return K[:, :, :S + self.padded(T)], V[:, :, :S + self.padded(T)]
 
     def visible(self, kind, device):
         pos, valid = self.pos[kind], self.valid[kind]
@@ -778,7 +795,8 @@ class DiffusionGemma(nn.Module):
             window = cfg.sliding_window if kind == SLIDING else None
             if not encoder and not band:
                 window = None  # "anchored": every canvas query sees the whole cached tail and the canvas
-            mask = attention_mask(positions, torch.cat([ctx_pos, positions]), torch.cat([ctx_valid, valid], 1),
+            own_pos, own_valid = cache.own_keys(positions, valid)
+            mask = attention_mask(positions, torch.cat([ctx_pos, own_pos]), torch.cat([ctx_valid, own_valid], 1),
                                   causal=encoder, window=window, band=not encoder)
             masks[kind] = attention_bias(mask, x.dtype)
         for i, layer in enumerate(self.layers):

@@ -747,6 +747,16 @@ def test_fast_path_generates_the_plain_tokens(gentle_ckpt, settings):
     assert plain.forwards == quick.forwards
 
 
+def test_static_cache_pads_a_pass_own_keys_to_8_slots():
+    """A pass attends to its own keys padded to a multiple of 8 tail slots where the tail has room (aligned
+    rows for cuBLAS), the padding masked; a pass as long as an unaligned canvas is not padded."""
+    cache = dg.StaticKVCache(tiny_config(), 1, 64, "cpu", torch.float32)  # canvas (the tail) of 16
+    assert [cache.padded(T) for T in (1, 7, 8, 9, 16, 30)] == [8, 8, 8, 16, 16, 30]
+    pos, valid = cache.own_keys(torch.arange(5, 8), torch.ones(1, 3, dtype=torch.bool))
+    assert pos.tolist() == [5, 6, 7] + [cache.EMPTY] * 5 and valid.tolist() == [[True] * 3 + [False] * 5]
+    assert dg.StaticKVCache(tiny_config(canvas_length=81), 1, 64, "cpu", torch.float32).padded(81) == 81
+
+
 def test_fast_path_checks_its_sizes(tiny_ckpt):
     model = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu")
     fast = fast_path(model, 1, capacity=64)
