@@ -220,6 +220,19 @@ def test_grouped_experts_match_loop():
     assert rel_err(b, a) < 1e-5
 
 
+def test_sort_pairs_is_a_stable_sort_by_expert():
+    """The counting sort behind the grouped experts: the pairs in the order of a stable sort by expert, the
+    inverse permutation, and each expert's end row (experts that got no pair included)."""
+    g = torch.Generator().manual_seed(0)
+    for E, P in ((8, 50), (128, 2048), (4, 1)):
+        expert = torch.randint(0, E // 2 + 1, (P,), generator=g) * 2 % E  # odd experts get nothing
+        order, inverse, offsets = dg.sort_pairs(expert, E)
+        assert torch.equal(order, torch.sort(expert, stable=True).indices)
+        assert torch.equal(order[inverse], torch.arange(P))
+        assert offsets.dtype == torch.int32
+        assert torch.equal(offsets, torch.bincount(expert, minlength=E).cumsum(0).to(torch.int32))
+
+
 def test_explicit_attention_matches_sdpa():
     """attend's explicit matmuls (few query rows, no autograd: the fast path) compute SDPA's attention, masked,
     at scale 1, with one mask shared by the G query heads of a KV head; many query rows (a prefill chunk) go
