@@ -890,9 +890,10 @@ class DiffusionGemma(nn.Module):
         every layer's Attention.project and Layer.feed_forward (norms, RoPE, gates, routing, the experts'
         gather and sum), the explicit attention's masked softmax, the head's softcap (one kernel per
         vocabulary chunk, written straight into the logits) and the self-conditioning product's softmax.
-        Matmuls and the KV cache stay as they are. Used by train_sudoku.py on GPU (1.8x per step for the Sudoku model on an H100) and by
-        FastPath(compile_layers=True). Each distinct shape, grad mode and encoder flag compiles once; layers
-        of the same shape share the compiled code (hence the raised recompile limit).
+        Matmuls and the KV cache stay as they are. Used by train_sudoku.py on GPU (1.8x per step for the
+        Sudoku model on an H100) and by FastPath(compile_layers=True). Each distinct shape, grad mode and
+        encoder flag compiles once; layers of the same shape share the compiled code (hence the raised
+        recompile limit).
         autotune: compile Layer.feed_forward with inductor's max-autotune, which times Triton templates
         against aten for each of its GEMM shapes, grouped-GEMM templates with 16-row tiles among them (on an
         H100, the 26B experts' GEMMs 8-12% faster than aten's); each new shape takes seconds to minutes."""
