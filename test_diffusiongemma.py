@@ -4,6 +4,7 @@ transformers (5.23.0) is the oracle for the parity tests; they skip with a reaso
 Tests marked `slow` are skipped unless RUN_SLOW=1."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -337,13 +338,26 @@ def test_autotuned_layers_match_eager_on_gpu(gentle_ckpt):
     assert rel_err(tuned, ref) < 1.25 * rel_err(eager, ref)
 
 
+def test_sudoku_small_rope_gives_columns_one_phase():
+    """sudoku-small's RoPE base puts its second rotary frequency at exactly 2*pi/9 rad per position, so
+    two cells of one column (9 positions apart) get the same rotation there."""
+    cfg = Config.preset("sudoku-small")
+    inv_freq = dg.rope_inv_freq(cfg.head_dim, cfg.rope_theta).double()
+    assert set(cfg.layer_types) == {dg.SLIDING}
+    assert abs(inv_freq[1].item() - 2 * math.pi / 9) < 1e-6
+    cos, sin = dg.rope_cos_sin(torch.tensor([[83, 92]]), inv_freq, torch.float64)  # cells 0 and 9 of the canvas
+    assert abs(cos[0, 0, 1] - cos[0, 1, 1]) < 1e-4 and abs(sin[0, 0, 1] - sin[0, 1, 1]) < 1e-4
+    assert abs(cos[0, 0, 2] - cos[0, 1, 2]) > 0.1                                  # the other frequencies differ
+
+
 def test_compiled_layers_match_eager_in_training():
     """compile_layers (the training fast path) gives the eager loss and gradients (fp32, CPU inductor)."""
     rows = [dict(puzzle=EASY, solution=GRID)] * 4
     tok = dg.Tokenizer.from_json(ts.compact_tokenizer_json())
     results = []
     for compiled in (False, True):
-        model = DiffusionGemma(Config.preset("sudoku-small")).init_weights(generator=torch.Generator().manual_seed(0))
+        cfg = Config.preset("sudoku-small", layer_types=[dg.SLIDING, dg.FULL] * 2)  # both layer types compiled
+        model = DiffusionGemma(cfg).init_weights(generator=torch.Generator().manual_seed(0))
         if compiled:
             model.compile_layers()
         prompt, valid, target, g = ts.Batches(rows, tok, "compact", 81, 4, 0, "cpu").get(0)
@@ -1021,6 +1035,24 @@ def test_generate_minimal_puzzles_are_minimal():
                 assert _solution_count(p[:i] + "0" + p[i + 1:]) == 2
 
 
+def test_make_test_sets_writes_every_bucket_and_the_easy_sets(tmp_path):
+    ts.make_test_sets(str(tmp_path), n=6, seed=5)
+    expect = {"singles": (30, {"singles"}), "harder": (None, {"intermediate", "hard"}), "minimal": (None, None),
+              "singles36": (36, {"singles"}), "singles40": (40, {"singles"}), "singles45": (45, {"singles"})}
+    seen = []
+    for name, (clues, grades) in expect.items():
+        lines = (tmp_path / f"{name}.txt").read_text().splitlines()
+        assert len(lines) == 6, name
+        for line in lines:
+            puzzle, solution, n, grade = line.split("\t")
+            assert ts.is_valid_solution(solution, puzzle) and int(n) == 81 - puzzle.count("0")
+            assert clues is None or int(n) == clues
+            assert grades is None or grade in grades
+            assert name != "minimal" or int(n) <= 24
+            seen.append(puzzle)
+    assert len(set(seen[18:])) == 18 and set(seen[18:]).isdisjoint(seen[:18])  # the easy sets are new puzzles
+
+
 def test_generate_deterministic_by_seed():
     a = ts.generate_puzzles(30, 30, seed=7)
     b = ts.generate_puzzles(30, 30, seed=7)
@@ -1131,7 +1163,7 @@ def sudoku_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sudoku")
     args = ["--steps", "8", "--batch-size", "8", "--train-puzzles", "300", "--data-dir", str(root / "data"),
             "--eval-every", "8", "--eval-puzzles", "4", "--log-every", "2", "--save-every", "4",
-            "--warmup", "2", "--lr", "3e-3", "--device", "cpu", "--workers", "1"]
+            "--warmup", "2", "--lr", "3e-3", "--device", "cpu", "--workers", "1", "--compile", "off"]
     full = run_train_sudoku(*args, "--out", str(root / "full"))
     assert full.returncode == 0, full.stderr
     return root, full.stdout
@@ -1152,14 +1184,14 @@ def test_checkpoint_reloads_and_resumes_exactly(sudoku_run, stop, stopped_at):
     # an 8-step run stopped early, then resumed, equals the uninterrupted run
     args = ["--steps", "8", "--batch-size", "8", "--train-puzzles", "300", "--data-dir", str(root / "data"),
             "--eval-every", "0", "--log-every", "2", "--save-every", "4", "--warmup", "2", "--lr", "3e-3",
-            "--device", "cpu", "--workers", "1"]
+            "--device", "cpu", "--workers", "1", "--compile", "off"]
     state = torch.load(root / "full" / "train_state.pt", weights_only=False)
     assert state["step"] == 8
     stopped, resumed_dir = root / f"stopped-{stopped_at}", root / f"resumed-{stopped_at}"
     r = run_train_sudoku(*args, "--out", str(stopped), *stop)
     assert r.returncode == 0, r.stderr
     assert torch.load(stopped / "train_state.pt", weights_only=False)["step"] == stopped_at
-    r = run_train_sudoku("--resume", str(stopped), "--out", str(resumed_dir), "--device", "cpu")
+    r = run_train_sudoku("--resume", str(stopped), "--out", str(resumed_dir), "--device", "cpu", "--compile", "off")
     assert r.returncode == 0, r.stderr
     resumed = DiffusionGemma.from_pretrained(str(resumed_dir), device="cpu")
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
@@ -1317,7 +1349,8 @@ def test_fine_tune_from_a_hugging_face_checkpoint_uses_the_chat_format(text_ckpt
     """--init-from a (tiny) Hugging Face DiffusionGemma with its own tokenizer: Google's chat prompt."""
     r = run_train_sudoku("--init-from", text_ckpt, "--steps", "2", "--batch-size", "4", "--train-puzzles", "300",
                          "--data-dir", str(tmp_path / "data"), "--eval-every", "0", "--log-every", "1",
-                         "--warmup", "1", "--out", str(tmp_path / "ft"), "--device", "cpu", "--workers", "1")
+                         "--warmup", "1", "--out", str(tmp_path / "ft"), "--device", "cpu", "--workers", "1",
+                         "--compile", "off")
     assert r.returncode == 0, r.stderr
     assert json.load(open(tmp_path / "ft" / "sudoku.json")) == {"format": "chat"}
     tok = dg.Tokenizer.from_pretrained(text_ckpt)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -608,7 +609,8 @@ def training_puzzles(n, seed, cache_dir, workers=None):
 def make_test_sets(folder, n=1000, seed=10_000):
     """Fresh held-out puzzles, one file per bucket (puzzle<TAB>solution<TAB>clues<TAB>grade per line):
     singles (30-clue puzzles that naked + hidden singles solve), harder (puzzles that need more than
-    singles), minimal (17-24 clues: minimal puzzles, the hardest a random generator makes)."""
+    singles), minimal (17-24 clues: minimal puzzles, the hardest a random generator makes), and the
+    easy sets singles36/40/45 (puzzles with that many clues that singles solve)."""
     os.makedirs(folder, exist_ok=True)
     buckets = {"singles": [], "harder": [], "minimal": []}
     s = seed
@@ -625,6 +627,14 @@ def make_test_sets(folder, n=1000, seed=10_000):
         lines = "".join(f"{r['puzzle']}\t{r['solution']}\t{r['clues']}\t{r['grade']}\n" for r in rows[:n])
         dg.atomic_write(os.path.join(folder, f"{name}.txt"), lambda f: f.write(lines))
         print(f"{name}: {min(n, len(rows))} puzzles -> {os.path.join(folder, name + '.txt')}")
+    # easy sets for the CPU demo: puzzles with 36, 40 or 45 clues that singles solve (seed + 50,000 + clues)
+    for clues in (36, 40, 45):
+        rows = [r for r in generate_puzzles(max(16, 12 * n // 5), clues, seed=seed + 50_000 + clues)
+                if r["grade"] == "singles"][:n]
+        lines = "".join(f"{r['puzzle']}\t{r['solution']}\t{r['clues']}\t{r['grade']}\n" for r in rows)
+        path = os.path.join(folder, f"singles{clues}.txt")
+        dg.atomic_write(path, lambda f: f.write(lines))
+        print(f"singles{clues}: {len(rows)} puzzles -> {path}")
 
 
 # =============================================================================
@@ -858,6 +868,11 @@ def build_model(args, device):
     return model, compact_tokenizer_json(cfg.vocab_size), "compact"
 
 
+def has_cpp_compiler():
+    """Whether torch.compile can build CPU kernels here (inductor needs a C++ compiler)."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c)
+
+
 def train(args):
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
@@ -880,7 +895,7 @@ def train(args):
     tok = dg.Tokenizer.from_json(tok_json)
     on_gpu = torch.device(device).type == "cuda"
     model.set_experts_impl("grouped" if on_gpu else "loop")
-    if args.compile == "on" or (args.compile == "auto" and on_gpu):
+    if args.compile == "on" or (args.compile == "auto" and (on_gpu or has_cpp_compiler())):
         model.compile_layers()  # fuses the layers' small kernels (the first steps pay for compiling)
     model.train()
     cfg = model.cfg
@@ -1171,12 +1186,12 @@ def parse_args(argv=None):
     p.add_argument("--out", help="training: the checkpoint folder (default runs/sudoku); --eval-only: a JSONL "
                                  "file of per-puzzle results")
     p.add_argument("--export", help="also write the final model here in bf16, without optimizer state")
-    p.add_argument("--steps", type=int, default=250, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=900, help="optimizer steps")
     p.add_argument("--stop-after", type=int, help="save and stop after this many steps, as Ctrl-C would")
     p.add_argument("--stop-after-minutes", type=float,
                    help="save and stop after this much wall time (for time-limited jobs; continue with --resume)")
     p.add_argument("--time-budget", type=float, help="minutes: size --steps from the speed of the first 20 steps")
-    p.add_argument("--batch-size", type=int, default=64, help="puzzles per step (over all GPUs)")
+    p.add_argument("--batch-size", type=int, default=16, help="puzzles per step (over all GPUs)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=50, help="warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -1188,10 +1203,10 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, help="processes for puzzle generation (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the layers for training (auto: on GPU only)")
+                   help="torch.compile the layers for training (auto: on GPU, and on CPU when a C++ compiler is found)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=200, help="steps between validation solves (0: never)")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between validation solves (0: never)")
     p.add_argument("--eval-puzzles", type=int, default=128, help="validation puzzles per evaluation")
     p.add_argument("--eval-batch", type=int, default=256,
                    help="puzzles solved together (with --attempts K: about this many rows, K per puzzle)")
@@ -1206,7 +1221,8 @@ def parse_args(argv=None):
                    help="for --eval-only: denoising chains per puzzle, run together; a check of the Sudoku rules "
                         "keeps a valid one (not a solver; K times the compute). Default: \"attempts\" in the "
                         "checkpoint's sudoku.json, else 1")
-    p.add_argument("--make-test-sets", metavar="DIR", help="write fresh held-out puzzle files (1,000 per bucket)")
+    p.add_argument("--make-test-sets", metavar="DIR",
+                   help="write fresh held-out puzzle files (1,000 per bucket, and easy sets of 36, 40 and 45 clues)")
     args = p.parse_args(argv)
     if args.eval_only and not args.puzzles:
         p.error("--eval-only needs --puzzles FILE")
