@@ -895,7 +895,8 @@ def train(args):
     tok = dg.Tokenizer.from_json(tok_json)
     on_gpu = torch.device(device).type == "cuda"
     model.set_experts_impl("grouped" if on_gpu else "loop")
-    if args.compile == "on" or (args.compile == "auto" and (on_gpu or has_cpp_compiler())):
+    on_cpu = torch.device(device).type == "cpu"
+    if args.compile == "on" or (args.compile == "auto" and (on_gpu or (on_cpu and has_cpp_compiler()))):
         model.compile_layers()  # fuses the layers' small kernels (the first steps pay for compiling)
     model.train()
     cfg = model.cfg
