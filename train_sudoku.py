@@ -1207,7 +1207,8 @@ def parse_args(argv=None):
                    help="torch.compile the layers for training (auto: on GPU, and on CPU when a C++ compiler is found)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=500, help="steps between validation solves (0: never)")
+    p.add_argument("--eval-every", type=int, default=1000,
+                   help="steps between validation solves, and one at the end (0: never)")
     p.add_argument("--eval-puzzles", type=int, default=128, help="validation puzzles per evaluation")
     p.add_argument("--eval-batch", type=int, default=256,
                    help="puzzles solved together (with --attempts K: about this many rows, K per puzzle)")
