@@ -1187,7 +1187,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="training: the checkpoint folder (default runs/sudoku); --eval-only: a JSONL "
                                  "file of per-puzzle results")
     p.add_argument("--export", help="also write the final model here in bf16, without optimizer state")
-    p.add_argument("--steps", type=int, default=900, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps")
     p.add_argument("--stop-after", type=int, help="save and stop after this many steps, as Ctrl-C would")
     p.add_argument("--stop-after-minutes", type=float,
                    help="save and stop after this much wall time (for time-limited jobs; continue with --resume)")
