@@ -1049,8 +1049,8 @@ def test_make_test_sets_writes_every_bucket_and_the_easy_sets(tmp_path):
             assert clues is None or int(n) == clues
             assert grades is None or grade in grades
             assert name != "minimal" or int(n) <= 24
-            seen.append(puzzle)
-    assert len(set(seen[18:])) == 18 and set(seen[18:]).isdisjoint(seen[:18])  # the easy sets are new puzzles
+            seen.append(solution)
+    assert len(set(seen[18:])) == 18 and set(seen[18:]).isdisjoint(seen[:18])  # the easy sets use new grids
 
 
 def test_generate_deterministic_by_seed():
