@@ -624,17 +624,19 @@ def make_test_sets(folder, n=1000, seed=10_000):
                 buckets["minimal"].append(row)
         s += 2
     for name, rows in buckets.items():
-        lines = "".join(f"{r['puzzle']}\t{r['solution']}\t{r['clues']}\t{r['grade']}\n" for r in rows[:n])
-        dg.atomic_write(os.path.join(folder, f"{name}.txt"), lambda f: f.write(lines))
-        print(f"{name}: {min(n, len(rows))} puzzles -> {os.path.join(folder, name + '.txt')}")
+        write_set(folder, name, rows[:n])
     # easy sets for the CPU demo: puzzles with 36, 40 or 45 clues that singles solve (seed + 50,000 + clues)
     for clues in (36, 40, 45):
-        rows = [r for r in generate_puzzles(max(16, 12 * n // 5), clues, seed=seed + 50_000 + clues)
-                if r["grade"] == "singles"][:n]
-        lines = "".join(f"{r['puzzle']}\t{r['solution']}\t{r['clues']}\t{r['grade']}\n" for r in rows)
-        path = os.path.join(folder, f"singles{clues}.txt")
-        dg.atomic_write(path, lambda f: f.write(lines))
-        print(f"singles{clues}: {len(rows)} puzzles -> {path}")
+        rows = generate_puzzles(max(16, 12 * n // 5), clues, seed=seed + 50_000 + clues)
+        write_set(folder, f"singles{clues}", [r for r in rows if r["grade"] == "singles"][:n])
+
+
+def write_set(folder, name, rows):
+    """folder/name.txt, atomically: puzzle<TAB>solution<TAB>clues<TAB>grade per line."""
+    lines = "".join(f"{r['puzzle']}\t{r['solution']}\t{r['clues']}\t{r['grade']}\n" for r in rows)
+    path = os.path.join(folder, f"{name}.txt")
+    dg.atomic_write(path, lambda f: f.write(lines))
+    print(f"{name}: {len(rows)} puzzles -> {path}")
 
 
 # =============================================================================
