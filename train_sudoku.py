@@ -1204,7 +1204,8 @@ def parse_args(argv=None):
     p.add_argument("--train-puzzles", type=int, default=20000, help="distinct generated training puzzles")
     p.add_argument("--data-dir", default=os.path.join(HERE, "data"), help="cache of generated puzzles")
     p.add_argument("--workers", type=int, help="processes for puzzle generation (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="training puzzles, initialisation and draws (the short CPU demo is sensitive to it: README.md)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the layers for training (auto: on GPU, and on CPU when a C++ compiler is found)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
