@@ -212,7 +212,10 @@ def main(argv=None):
     elif sudoku is not None:
         tok = dg.Tokenizer.from_pretrained(ckpt)
         fmt = sudoku.read_meta(ckpt)["format"]
-        puzzle = sudoku.parse_puzzle(prompt_text or sudoku.EXAMPLE_PUZZLE)
+        try:
+            puzzle = sudoku.parse_puzzle(prompt_text or sudoku.EXAMPLE_PUZZLE)
+        except ValueError as e:
+            raise dg.DiffusionGemmaError(f"the prompt is not a Sudoku puzzle for this checkpoint: {e}") from None
         ids = sudoku.prompt_ids(tok, puzzle, fmt)
         attempts = sudoku.read_attempts(args.attempts, ckpt)
         render = lambda t: sudoku.format_grid(sudoku.board(tok, t, fmt), puzzle)  # noqa: E731

@@ -1223,13 +1223,16 @@ def test_eval_only_and_sample_py_on_the_trained_checkpoint(sudoku_run, tmp_path)
     (EASY[:3] + "x" + EASY[4:], "bad character 'x'"),
     ("55" + "0" * 79, "contradictory clues"),
 ])
-def test_eval_only_rejects_malformed_puzzles(sudoku_run, tmp_path, line, message):
+def test_eval_only_and_sample_reject_malformed_puzzles(sudoku_run, tmp_path, line, message):
     root, _ = sudoku_run
     f = tmp_path / "bad.txt"
     f.write_text(line + "\n")
     r = run_train_sudoku("--eval-only", "--checkpoint", str(root / "full"), "--puzzles", str(f), "--device", "cpu")
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    s = run_sample("--checkpoint", str(root / "full"), "--prompt", line, "--device", "cpu")  # the same puzzle, as a prompt
+    assert s.returncode != 0 and message.removeprefix("line 1: ") in s.stderr and "Traceback" not in s.stderr
+    assert len(s.stderr.strip().splitlines()) == 1
 
 
 # -----------------------------------------------------------------------------
