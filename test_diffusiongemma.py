@@ -1235,6 +1235,20 @@ def test_eval_only_and_sample_reject_malformed_puzzles(sudoku_run, tmp_path, lin
     assert len(s.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--batch-size", "0", "--batch-size must be > 0 (got 0)"),
+    ("--lr", "-1e-3", "--lr must be > 0"),
+    ("--warmup", "-5", "--warmup must be >= 0"),
+    ("--sc-prob", "1.5", "--sc-prob is a share of the examples"),
+])
+def test_training_rejects_nonsense_settings(tmp_path, flag, value, message):
+    r = run_train_sudoku(f"{flag}={value}", "--steps", "2", "--train-puzzles", "300", "--data-dir", str(tmp_path / "data"),
+                         "--out", str(tmp_path / "run"), "--device", "cpu", "--compile", "off")
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # stopped before any work
+
+
 # -----------------------------------------------------------------------------
 # Attempts: several denoising chains per puzzle, a check of the rules picks one
 

@@ -894,6 +894,9 @@ def train(args):
         tok_json, fmt = open(os.path.join(args.resume, "tokenizer.json")).read(), read_meta(args.resume)["format"]
     else:
         model, tok_json, fmt = build_model(args, device)
+    if args.batch_size % world:
+        raise dg.DiffusionGemmaError(f"--batch-size {args.batch_size} does not split over {world} processes; "
+                                     f"give a multiple of {world}")
     tok = dg.Tokenizer.from_json(tok_json)
     on_gpu = torch.device(device).type == "cuda"
     model.set_experts_impl("grouped" if on_gpu else "loop")
@@ -1236,8 +1239,24 @@ def parse_args(argv=None):
     return args
 
 
+def check_args(args):
+    """One clear error line for a numeric setting that makes no sense, before any work starts."""
+    positive = ["steps", "batch_size", "lr", "clip", "train_puzzles", "log_every", "eval_batch"]
+    optional_positive = ["stop_after", "stop_after_minutes", "time_budget", "workers"]  # None: unset
+    non_negative = ["warmup", "weight_decay", "ar_weight", "eval_every", "eval_puzzles", "save_every"]
+    for name in positive + [n for n in optional_positive if getattr(args, n) is not None]:
+        if not getattr(args, name) > 0:
+            raise dg.DiffusionGemmaError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
+    for name in non_negative:
+        if not getattr(args, name) >= 0:
+            raise dg.DiffusionGemmaError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if not 0 <= args.sc_prob <= 1:
+        raise dg.DiffusionGemmaError(f"--sc-prob is a share of the examples, from 0 to 1 (got {args.sc_prob})")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     if args.make_test_sets:
         return make_test_sets(args.make_test_sets)
     if args.eval_only:
