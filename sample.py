@@ -191,6 +191,10 @@ def load(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.batch < 1:
+        raise dg.DiffusionGemmaError(f"--batch must be >= 1 (got {args.batch})")
+    if args.prompt_file and not os.path.isfile(args.prompt_file):
+        raise dg.DiffusionGemmaError(f"prompt file {args.prompt_file!r} does not exist")
     model, ckpt, device = load(args)
     cfg = model.cfg
     gen = dg.GenerationConfig.from_pretrained(

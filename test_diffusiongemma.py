@@ -857,6 +857,8 @@ def test_sample_py_end_to_end(text_ckpt):
     (["--prompt", "hi", "--compile-layers"], "add --fast"),
     (["--prompt", "hi", "--autotune"], "add --compile-layers"),
     (["--prompt", "hi", "--fast", "--compile-layers"], "compiled layers need bf16 weights"),
+    (["--prompt", "hi", "--batch", "0"], "--batch must be >= 1"),
+    (["--prompt-file", "/no/such/prompt.txt"], "prompt file '/no/such/prompt.txt' does not exist"),
 ])
 def test_sample_py_bad_input(text_ckpt, args, message):
     r = run_sample("--checkpoint", text_ckpt, "--device", "cpu", *args)
