@@ -1251,6 +1251,20 @@ def test_training_rejects_nonsense_settings(tmp_path, flag, value, message):
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # stopped before any work
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--out", "{file}", "--steps", "2"], "is a file; it must be a folder"),
+    (["--make-test-sets", "{file}"], "is a file; it must be a folder"),
+    (["--eval-only", "--puzzles", "{file}", "--out", "{dir}"], "must be a file path in an existing folder"),
+    (["--eval-only", "--puzzles", "{file}", "--out", "{dir}/no/such/folder/r.jsonl"], "in an existing folder"),
+])
+def test_output_paths_of_the_wrong_kind_are_refused_up_front(tmp_path, args, message):
+    (tmp_path / "a.txt").write_text(EASY + "\n")
+    args = [a.format(file=tmp_path / "a.txt", dir=tmp_path) for a in args]
+    r = run_train_sudoku(*args, "--train-puzzles", "300", "--data-dir", str(tmp_path / "data"), "--device", "cpu")
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "data").exists()
+
+
 # -----------------------------------------------------------------------------
 # Attempts: several denoising chains per puzzle, a check of the rules picks one
 

@@ -1240,7 +1240,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """One clear error line for a numeric setting that makes no sense, before any work starts."""
+    """One clear error line for a setting that makes no sense (a number out of range, an output path of the
+    wrong kind), before any work starts."""
     positive = ["steps", "batch_size", "lr", "clip", "train_puzzles", "log_every", "eval_batch"]
     optional_positive = ["stop_after", "stop_after_minutes", "time_budget", "workers"]  # None: unset
     non_negative = ["warmup", "weight_decay", "ar_weight", "eval_every", "eval_puzzles", "save_every"]
@@ -1252,6 +1253,15 @@ def check_args(args):
             raise dg.DiffusionGemmaError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if not 0 <= args.sc_prob <= 1:
         raise dg.DiffusionGemmaError(f"--sc-prob is a share of the examples, from 0 to 1 (got {args.sc_prob})")
+    # output paths, checked now rather than after minutes of training or solving
+    if args.eval_only:
+        if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
+            raise dg.DiffusionGemmaError(f"--out {args.out!r} must be a file path in an existing folder "
+                                         "(the JSONL of results)")
+        return
+    for flag, path in (("--out", args.out), ("--export", args.export), ("--make-test-sets", args.make_test_sets)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise dg.DiffusionGemmaError(f"{flag} {path!r} is a file; it must be a folder (new or existing)")
 
 
 def main(argv=None):
