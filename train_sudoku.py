@@ -1243,12 +1243,13 @@ def check_args(args):
     """One clear error line for a setting that makes no sense (a number out of range, an output path of the
     wrong kind), before any work starts."""
     positive = ["steps", "batch_size", "lr", "clip", "train_puzzles", "log_every", "eval_batch"]
-    optional_positive = ["stop_after", "stop_after_minutes", "time_budget", "workers"]  # None: unset
-    non_negative = ["warmup", "weight_decay", "ar_weight", "eval_every", "eval_puzzles", "save_every"]
+    optional_positive = ["stop_after", "time_budget", "workers"]  # None: unset
+    non_negative = ["warmup", "weight_decay", "ar_weight", "eval_every", "eval_puzzles", "save_every",
+                    "stop_after_minutes"]  # --stop-after-minutes 0: stop after the first step
     for name in positive + [n for n in optional_positive if getattr(args, n) is not None]:
         if not getattr(args, name) > 0:
             raise dg.DiffusionGemmaError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(args, name)})")
-    for name in non_negative:
+    for name in [n for n in non_negative if getattr(args, n) is not None]:
         if not getattr(args, name) >= 0:
             raise dg.DiffusionGemmaError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if not 0 <= args.sc_prob <= 1:
