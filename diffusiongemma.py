@@ -1183,7 +1183,12 @@ class GenerationConfig:
         kw = {}
         f = os.path.join(path, "generation_config.json") if path else None
         if f and os.path.isfile(f):
-            hf = json.load(open(f))
+            try:
+                hf = json.load(open(f))
+            except ValueError as e:
+                raise DiffusionGemmaError(f"{f} is not valid JSON ({e}); fix or delete it") from None
+            if not isinstance(hf, dict):
+                raise DiffusionGemmaError(f"{f} must hold a JSON object of generation settings; fix or delete it")
             names = {fl.name for fl in fields(cls)}
             kw = {k: v for k, v in hf.items() if k in names and v is not None}
             if isinstance(hf.get("sampler_config"), dict) and "entropy_bound" in hf["sampler_config"]:

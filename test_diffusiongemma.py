@@ -1237,6 +1237,25 @@ def test_eval_only_and_sample_reject_malformed_puzzles(sudoku_run, tmp_path, lin
     assert len(s.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("name,content,message", [
+    ("generation_config.json", "{not json", "generation_config.json is not valid JSON"),
+    ("generation_config.json", "[1, 2]", "must hold a JSON object of generation settings"),
+    ("sudoku.json", "{not json", "sudoku.json is not valid JSON"),
+    ("sudoku.json", '{"format": "grid"}', 'must say {"format": "compact"} or {"format": "chat"}'),
+])
+def test_malformed_side_files_of_a_checkpoint(tmp_path, name, content, message):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in os.listdir(ts.BUNDLED):  # the bundled checkpoint, with one side file replaced
+        if f == name:
+            (ckpt / f).write_text(content)
+        else:
+            (ckpt / f).symlink_to(os.path.join(ts.BUNDLED, f))
+    r = run_sample("--checkpoint", str(ckpt), "--device", "cpu")
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--batch-size", "0", "--batch-size must be > 0 (got 0)"),
     ("--lr", "-1e-3", "--lr must be > 0"),

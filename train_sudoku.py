@@ -712,7 +712,14 @@ def format_grid(grid, puzzle=None):
 def read_meta(folder):
     """sudoku.json of a Sudoku checkpoint: {"format": "compact" | "chat"}, and optionally "attempts" (the
     default chains per puzzle for --eval-only and sample.py)."""
-    return json.load(open(os.path.join(folder, "sudoku.json")))
+    path = os.path.join(folder, "sudoku.json")
+    try:
+        meta = json.load(open(path))
+    except ValueError as e:
+        raise dg.DiffusionGemmaError(f"{path} is not valid JSON ({e}); fix it, e.g. {{\"format\": \"compact\"}}") from None
+    if not isinstance(meta, dict) or meta.get("format") not in ("compact", "chat"):
+        raise dg.DiffusionGemmaError(f"{path} must say {{\"format\": \"compact\"}} or {{\"format\": \"chat\"}}")
+    return meta
 
 
 # =============================================================================
