@@ -848,6 +848,14 @@ def test_sample_py_end_to_end(text_ckpt):
     assert fp8.stdout.splitlines()[:-1] != a.stdout.splitlines()[:-1]  # they ran: the approximation moves the text
 
 
+def assert_one_error_line(r, message):
+    """A command line that failed the way users should see it: exit status != 0, one stderr line
+    'error: ...' that contains message, no traceback."""
+    assert r.returncode != 0, r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (["--prompt", ""], "empty prompt"),
     (["--prompt", "x" * 1100], "does not fit the context"),
@@ -862,14 +870,12 @@ def test_sample_py_end_to_end(text_ckpt):
 ])
 def test_sample_py_bad_input(text_ckpt, args, message):
     r = run_sample("--checkpoint", text_ckpt, "--device", "cpu", *args)
-    assert r.returncode != 0
-    assert r.stderr.strip().startswith("error:") and message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert_one_error_line(r, message)
 
 
 def test_sample_py_missing_checkpoint(tmp_path):
     r = run_sample("--checkpoint", str(tmp_path / "none"), "--prompt", "hi", "--device", "cpu")
-    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert_one_error_line(r, "does not exist")
 
 
 # -----------------------------------------------------------------------------
@@ -1230,11 +1236,9 @@ def test_eval_only_and_sample_reject_malformed_puzzles(sudoku_run, tmp_path, lin
     f = tmp_path / "bad.txt"
     f.write_text(line + "\n")
     r = run_train_sudoku("--eval-only", "--checkpoint", str(root / "full"), "--puzzles", str(f), "--device", "cpu")
-    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert_one_error_line(r, message)
     s = run_sample("--checkpoint", str(root / "full"), "--prompt", line, "--device", "cpu")  # the same puzzle, as a prompt
-    assert s.returncode != 0 and message.removeprefix("line 1: ") in s.stderr and "Traceback" not in s.stderr
-    assert len(s.stderr.strip().splitlines()) == 1
+    assert_one_error_line(s, message.removeprefix("line 1: "))
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -1252,8 +1256,7 @@ def test_malformed_side_files_of_a_checkpoint(tmp_path, name, content, message):
         else:
             (ckpt / f).symlink_to(os.path.join(ts.BUNDLED, f))
     r = run_sample("--checkpoint", str(ckpt), "--device", "cpu")
-    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert_one_error_line(r, message)
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -1265,8 +1268,7 @@ def test_malformed_side_files_of_a_checkpoint(tmp_path, name, content, message):
 def test_training_rejects_nonsense_settings(tmp_path, flag, value, message):
     r = run_train_sudoku(f"{flag}={value}", "--steps", "2", "--train-puzzles", "300", "--data-dir", str(tmp_path / "data"),
                          "--out", str(tmp_path / "run"), "--device", "cpu", "--compile", "off")
-    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert_one_error_line(r, message)
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # stopped before any work
 
 
@@ -1280,8 +1282,8 @@ def test_output_paths_of_the_wrong_kind_are_refused_up_front(tmp_path, args, mes
     (tmp_path / "a.txt").write_text(EASY + "\n")
     args = [a.format(file=tmp_path / "a.txt", dir=tmp_path) for a in args]
     r = run_train_sudoku(*args, "--train-puzzles", "300", "--data-dir", str(tmp_path / "data"), "--device", "cpu")
-    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "data").exists()
+    assert_one_error_line(r, message)
+    assert not (tmp_path / "data").exists()  # stopped before any work
 
 
 # -----------------------------------------------------------------------------
