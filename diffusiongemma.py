@@ -213,7 +213,7 @@ PRESETS = {
                  layer_types=[SLIDING, SLIDING, FULL], max_position_embeddings=1024, canvas_length=16,
                  image_token_id=511, boi_token_id=509, eoi_token_id=510),
     # Sudoku models (vocab: 5 special tokens + "0123456789\n"; the canvas is the 81 answer digits).
-    # "sudoku" (11.2M parameters, 22 MB in bf16) is the bundled solver. "sudoku-small" trains on 2 CPU cores
+    # "sudoku" (11.6M parameters, 23 MB in bf16) is the bundled solver. "sudoku-small" trains on 2 CPU cores
     # in minutes: its RoPE base makes the second rotary frequency exactly 2*pi/9 rad per position
     # (base**(-2/head_dim) = 2*pi/9), so cells of one column, 9 positions apart, share that phase; its four
     # layers all see the whole canvas. Both choices made it learn faster (README.md, "CPU demo").
@@ -222,8 +222,8 @@ PRESETS = {
                          rope_theta=(9 / (2 * math.pi)) ** (16 / 2), num_experts=4, top_k_experts=2,
                          moe_intermediate_size=128, sliding_window=256, layer_types=[SLIDING] * 4,
                          # the next two shape full layers only: unused here, kept small for tests that add some
-                         num_global_key_value_heads=1, global_head_dim=32, max_position_embeddings=512,
-                         canvas_length=81, image_token_id=15, boi_token_id=13, eoi_token_id=14),
+                         num_global_key_value_heads=1, global_head_dim=32,
+                         max_position_embeddings=512, canvas_length=81, image_token_id=15, boi_token_id=13, eoi_token_id=14),
     "sudoku": dict(vocab_size=16, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_global_key_value_heads=1,
                    global_head_dim=128, num_experts=8, top_k_experts=2, moe_intermediate_size=128,
