@@ -1209,6 +1209,39 @@ def test_checkpoint_reloads_and_resumes_exactly(sudoku_run, stop, stopped_at):
         assert os.path.isfile(root / "full" / f), f
 
 
+def test_data_parallel_training_resumes_exactly(sudoku_run, tmp_path):
+    """torchrun, 2 CPU processes (gloo): the replicas train in step, and a run stopped and resumed under
+    DistributedDataParallel equals the uninterrupted one."""
+    root, _ = sudoku_run
+
+    def torchrun(*args):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               os.path.join(HERE, "train_sudoku.py"), *args],
+                              capture_output=True, text=True, timeout=600, cwd=HERE)
+
+    args = ["--steps", "4", "--batch-size", "8", "--train-puzzles", "300", "--data-dir", str(root / "data"),
+            "--eval-every", "0", "--log-every", "2", "--save-every", "0", "--warmup", "2", "--lr", "3e-3",
+            "--device", "cpu", "--workers", "1", "--compile", "off"]
+    full = torchrun(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    assert "batch 8, device cpu x2" in full.stdout and full.stdout.count("step 4/4") == 1  # only rank 0 logs
+    r = torchrun(*args, "--out", str(tmp_path / "stopped"), "--stop-after", "2")
+    assert r.returncode == 0, r.stderr
+    r = torchrun("--resume", str(tmp_path / "stopped"), "--out", str(tmp_path / "resumed"), "--device", "cpu",
+                 "--compile", "off")
+    assert r.returncode == 0, r.stderr
+    # each process draws its own 4 puzzles per step: had both drawn rank 0's, the result would be this run's
+    # (one thread, as torchrun gives each process, so that the sums round the same way)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train_sudoku.py"), *[("4" if a == "8" else a) for a in args],
+                        "--out", str(tmp_path / "single")], capture_output=True, text=True, timeout=600, cwd=HERE,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    a, b, single = (DiffusionGemma.from_pretrained(str(tmp_path / d), device="cpu") for d in ("full", "resumed", "single"))
+    for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x, y), n
+    assert any(not torch.equal(x, z) for x, z in zip(a.parameters(), single.parameters()))
+
+
 def test_eval_only_and_sample_py_on_the_trained_checkpoint(sudoku_run, tmp_path):
     root, _ = sudoku_run
     puzzles = tmp_path / "p.txt"
