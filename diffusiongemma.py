@@ -320,7 +320,8 @@ class Attention(nn.Module):
         q = outs[0].view(B, T, self.heads, self.head_dim)
         k_raw = outs[1].view(B, T, self.kv_heads, self.head_dim)
         v_raw = outs[2].view(B, T, self.kv_heads, self.head_dim) if len(outs) == 3 else k_raw
-        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)              # [B, heads, T, D]
+        # q contiguous per head: compiled, the norm/RoPE kernel writes it so, and forward's reshape is a view
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2).contiguous()  # [B, heads, T, D]
         k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)          # [B, kv, T, D]
         v = rms_norm(v_raw, None, self.eps).transpose(1, 2)                   # weightless norm, no RoPE
         return q, k, v
