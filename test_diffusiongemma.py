@@ -1126,9 +1126,9 @@ def test_bench_generator_runs():
 # -----------------------------------------------------------------------------
 # Sudoku training and evaluation (train_sudoku.py)
 
-def run_train_sudoku(*args):
+def run_train_sudoku(*args, env=None):
     return subprocess.run([sys.executable, os.path.join(HERE, "train_sudoku.py"), *args], capture_output=True,
-                          text=True, timeout=600, cwd=HERE)
+                          text=True, timeout=600, cwd=HERE, env=env)
 
 
 def test_augmentation_keeps_puzzles_valid():
@@ -1210,8 +1210,8 @@ def test_checkpoint_reloads_and_resumes_exactly(sudoku_run, stop, stopped_at):
 
 
 def test_data_parallel_training_resumes_exactly(sudoku_run, tmp_path):
-    """torchrun, 2 CPU processes (gloo): the replicas train in step, and a run stopped and resumed under
-    DistributedDataParallel equals the uninterrupted one."""
+    """torchrun, 2 CPU processes (gloo): a run stopped and resumed under DistributedDataParallel equals the
+    uninterrupted one, and each process trains on puzzles of its own."""
     root, _ = sudoku_run
 
     def torchrun(*args):
@@ -1219,9 +1219,12 @@ def test_data_parallel_training_resumes_exactly(sudoku_run, tmp_path):
                                os.path.join(HERE, "train_sudoku.py"), *args],
                               capture_output=True, text=True, timeout=600, cwd=HERE)
 
-    args = ["--steps", "4", "--batch-size", "8", "--train-puzzles", "300", "--data-dir", str(root / "data"),
-            "--eval-every", "0", "--log-every", "2", "--save-every", "0", "--warmup", "2", "--lr", "3e-3",
-            "--device", "cpu", "--workers", "1", "--compile", "off"]
+    def settings(batch):
+        return ["--steps", "4", "--batch-size", str(batch), "--train-puzzles", "300", "--data-dir", str(root / "data"),
+                "--eval-every", "0", "--log-every", "2", "--save-every", "0", "--warmup", "2", "--lr", "3e-3",
+                "--device", "cpu", "--workers", "1", "--compile", "off"]
+
+    args = settings(8)
     full = torchrun(*args, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     assert "batch 8, device cpu x2" in full.stdout and full.stdout.count("step 4/4") == 1  # only rank 0 logs
@@ -1232,9 +1235,7 @@ def test_data_parallel_training_resumes_exactly(sudoku_run, tmp_path):
     assert r.returncode == 0, r.stderr
     # each process draws its own 4 puzzles per step: had both drawn rank 0's, the result would be this run's
     # (one thread, as torchrun gives each process, so that the sums round the same way)
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train_sudoku.py"), *[("4" if a == "8" else a) for a in args],
-                        "--out", str(tmp_path / "single")], capture_output=True, text=True, timeout=600, cwd=HERE,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_train_sudoku(*settings(4), "--out", str(tmp_path / "single"), env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     a, b, single = (DiffusionGemma.from_pretrained(str(tmp_path / d), device="cpu") for d in ("full", "resumed", "single"))
     for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
