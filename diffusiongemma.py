@@ -57,6 +57,12 @@ class DiffusionGemmaError(ValueError):
     that names the problem and the fix; scripts print it instead of a traceback."""
 
 
+def read_json(path):
+    """The JSON value in a file, closed after reading (a malformed file raises ValueError)."""
+    with open(path) as f:
+        return json.load(f)
+
+
 # -----------------------------------------------------------------------------
 # Config
 
@@ -976,7 +982,7 @@ def checkpoint_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
-            shards = sorted(set(json.load(open(index))["weight_map"].values()))
+            shards = sorted(set(read_json(index)["weight_map"].values()))
         except (ValueError, KeyError) as e:
             raise DiffusionGemmaError(f"{index} is malformed ({e}); re-download or re-save the checkpoint")
         files = [os.path.join(path, s) for s in shards]
@@ -994,7 +1000,7 @@ def load_checkpoint(cls, path, device=None, dtype=None, **config_overrides):
     from safetensors import safe_open
     files = checkpoint_files(path)
     try:
-        hf_cfg = json.load(open(os.path.join(path, "config.json")))
+        hf_cfg = read_json(os.path.join(path, "config.json"))
         cfg = Config.from_hf(hf_cfg, **config_overrides)
     except (ValueError, KeyError, TypeError) as e:
         if isinstance(e, DiffusionGemmaError):
@@ -1185,7 +1191,7 @@ class GenerationConfig:
         f = os.path.join(path, "generation_config.json") if path else None
         if f and os.path.isfile(f):
             try:
-                hf = json.load(open(f))
+                hf = read_json(f)
             except ValueError as e:
                 raise DiffusionGemmaError(f"{f} is not valid JSON ({e}); fix or delete it") from None
             if not isinstance(hf, dict):

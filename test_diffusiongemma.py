@@ -1177,6 +1177,21 @@ def sudoku_run(tmp_path_factory):
     return root, full.stdout
 
 
+def test_grades_trains_on_those_puzzles_only(sudoku_run, tmp_path):
+    root, _ = sudoku_run
+    r = run_train_sudoku("--grades", "intermediate,hard", "--steps", "1", "--batch-size", "4", "--train-puzzles", "300",
+                         "--data-dir", str(root / "data"), "--eval-every", "0", "--out", str(tmp_path / "run"),
+                         "--device", "cpu", "--compile", "off")
+    assert r.returncode == 0, r.stderr
+    rows = [row for row in ts.training_puzzles(300, 0, str(root / "data")) if row["grade"] != "singles"]
+    kept = len(ts.split_by_solution(rows, (0.99, 0.01, 0.0), seed=0)[0])
+    assert 0 < kept < 250 and f", {kept} training puzzles," in r.stdout
+    r = run_train_sudoku("--grades", "hard", "--train-puzzles", "1", "--data-dir", str(root / "data"),
+                         "--out", str(tmp_path / "none"), "--device", "cpu", "--compile", "off")
+    assert ts.training_puzzles(1, 0, str(root / "data"))[0]["grade"] == "singles"  # seed 0's one puzzle
+    assert_one_error_line(r, "--grades hard: 0 of the 1 training puzzles have these grades; raise --train-puzzles")
+
+
 def test_training_lowers_the_loss(sudoku_run):
     _, log = sudoku_run
     losses = [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines() if "| loss " in line]
@@ -1298,6 +1313,7 @@ def test_malformed_side_files_of_a_checkpoint(tmp_path, name, content, message):
     ("--lr", "-1e-3", "--lr must be > 0"),
     ("--warmup", "-5", "--warmup must be >= 0"),
     ("--sc-prob", "1.5", "--sc-prob is a share of the examples"),
+    ("--grades", "hard,easy", "--grades: unknown grade 'easy'; choose from singles, intermediate, hard"),
 ])
 def test_training_rejects_nonsense_settings(tmp_path, flag, value, message):
     r = run_train_sudoku(f"{flag}={value}", "--steps", "2", "--train-puzzles", "300", "--data-dir", str(tmp_path / "data"),
@@ -1431,6 +1447,19 @@ def test_attempts_must_be_a_whole_number_of_chains(tmp_path):
         (tmp_path / "sudoku.json").write_text(json.dumps({"format": "compact", "attempts": bad}))
         with pytest.raises(DiffusionGemmaError, match="sudoku.json must be a whole number of chains"):
             ts.read_attempts(None, str(tmp_path))
+
+
+def test_a_run_from_a_sudoku_checkpoint_keeps_its_sampler_and_chains(sudoku_run, tmp_path):
+    """--init-from the bundled checkpoint: the new checkpoints keep its generation_config.json and attempts."""
+    root, _ = sudoku_run
+    r = run_train_sudoku("--init-from", ts.BUNDLED, "--steps", "1", "--batch-size", "2", "--train-puzzles", "300",
+                         "--data-dir", str(root / "data"), "--eval-every", "0", "--out", str(tmp_path / "ft"),
+                         "--export", str(tmp_path / "bf16"), "--device", "cpu", "--compile", "off")
+    assert r.returncode == 0, r.stderr
+    bundled = [json.load(open(os.path.join(ts.BUNDLED, f))) for f in ("generation_config.json", "sudoku.json")]
+    assert bundled[0]["t_max"] == 1.2 and bundled[1]["attempts"] == 32
+    for folder in ("ft", "bf16"):
+        assert [json.load(open(tmp_path / folder / f)) for f in ("generation_config.json", "sudoku.json")] == bundled
 
 
 def test_fine_tune_from_a_hugging_face_checkpoint_uses_the_chat_format(text_ckpt, tmp_path):

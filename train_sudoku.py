@@ -287,6 +287,9 @@ def _ladder(c):
             raise ValueError("puzzle has no solution")
 
 
+GRADES = ("singles", "intermediate", "hard")
+
+
 def grade(puzzle: str) -> str:
     """Difficulty bucket by the hardest technique needed: 'singles' (naked + hidden singles solve it),
     'intermediate' (also locked candidates, naked/hidden pairs and triples) or 'hard' (needs guessing).
@@ -714,7 +717,7 @@ def read_meta(folder):
     default chains per puzzle for --eval-only and sample.py)."""
     path = os.path.join(folder, "sudoku.json")
     try:
-        meta = json.load(open(path))
+        meta = dg.read_json(path)
     except ValueError as e:
         raise dg.DiffusionGemmaError(f"{path} is not valid JSON ({e}); fix it, e.g. {{\"format\": \"compact\"}}") from None
     if not isinstance(meta, dict) or meta.get("format") not in ("compact", "chat"):
@@ -834,9 +837,25 @@ def lr_at(step, total, peak, warmup, final_frac=0.1):
     return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_run(model, path, tok_json, fmt, gen_cfg, state=None, dtype=None, max_shard_bytes=5 * 10**9):
-    """A checkpoint that sample.py and transformers load (+ train_state.pt for --resume), atomically."""
-    extra = {"tokenizer.json": tok_json, "sudoku.json": json.dumps({"format": fmt}),
+def side_files(source, cfg, fmt):
+    """(generation_config, sudoku.json) for the checkpoints a run writes. A run that starts from a Sudoku
+    checkpoint (--init-from, --resume) keeps its sampler settings and default chains; any other run gets
+    the sampler's defaults, at most 48 steps."""
+    gen = dict(max_new_tokens=cfg.canvas_length if fmt == "compact" else 256, max_denoising_steps=48,
+               eos_token_id=[1] if fmt == "compact" else [1, 106, 50], pad_token_id=0)
+    if not (source and os.path.isfile(os.path.join(source, "sudoku.json"))):
+        return gen, {"format": fmt}
+    gen_path = os.path.join(source, "generation_config.json")
+    if os.path.isfile(gen_path):
+        dg.GenerationConfig.from_pretrained(source)  # one clear error line if it is malformed
+        gen = dg.read_json(gen_path)
+    return gen, read_meta(source)
+
+
+def save_run(model, path, tok_json, meta, gen_cfg, state=None, dtype=None, max_shard_bytes=5 * 10**9):
+    """A checkpoint that sample.py and transformers load (+ train_state.pt for --resume), atomically.
+    meta: sudoku.json ({"format": ...}, optionally "attempts")."""
+    extra = {"tokenizer.json": tok_json, "sudoku.json": json.dumps(meta),
              "generation_config.json": json.dumps(gen_cfg, indent=2)}
     if state is not None:
         extra["train_state.pt"] = lambda f: torch.save(state, f)
@@ -914,6 +933,11 @@ def train(args):
     cfg = model.cfg
 
     rows = training_puzzles(args.train_puzzles, args.seed, args.data_dir, args.workers)
+    if args.grades:  # e.g. a fine-tuning stage on the puzzles that need more than singles
+        rows = [r for r in rows if r["grade"] in args.grades]
+        if not rows:
+            raise dg.DiffusionGemmaError(f"--grades {','.join(args.grades)}: {len(rows)} of the {args.train_puzzles} "
+                                         f"training puzzles have these grades; raise --train-puzzles")
     train_rows, val_rows, _ = split_by_solution(rows, (0.99, 0.01, 0.0), seed=args.seed)
     batches = Batches(train_rows, tok, fmt, cfg.canvas_length, args.batch_size // world, args.seed, device, rank)
     val_rows = val_rows[:args.eval_puzzles]
@@ -931,16 +955,15 @@ def train(args):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-    gen_cfg = dict(max_new_tokens=cfg.canvas_length if fmt == "compact" else 256, max_denoising_steps=48,
-                   eos_token_id=[1] if fmt == "compact" else [1, 106, 50], pad_token_id=0)
+    gen_cfg, meta = side_files(args.resume or args.init_from, cfg, fmt)
 
     def checkpoint(path, final=False):
         if not is_main:
             return
         st = dict(step=step, total_steps=args.steps, optimizer=opt.state_dict(), args=vars(args))
-        save_run(model, path, tok_json, fmt, gen_cfg, state=st)
+        save_run(model, path, tok_json, meta, gen_cfg, state=st)
         if final and args.export:
-            save_run(model, args.export, tok_json, fmt, gen_cfg, dtype=torch.bfloat16, max_shard_bytes=12 * 10**6)
+            save_run(model, args.export, tok_json, meta, gen_cfg, dtype=torch.bfloat16, max_shard_bytes=12 * 10**6)
             log(f"exported bf16 weights to {args.export}")
 
     interrupted = []
@@ -1114,7 +1137,7 @@ def report(res, grades):
     print(line("all", recs))
     if res["attempts"] > 1:
         print(rate("all, chain 0 alone", first_chain_solved(recs), len(recs)))
-    for g in ("singles", "intermediate", "hard"):
+    for g in GRADES:
         sub = [r for r, gr in zip(recs, grades) if gr == g]
         if sub:
             print(line(f"grade {g}", sub))
@@ -1212,6 +1235,9 @@ def parse_args(argv=None):
     p.add_argument("--sc-prob", type=float, default=0.5, help="share of examples trained with self-conditioning")
     p.add_argument("--ar-weight", type=float, default=1.0, help="weight of the encoder's autoregressive co-loss")
     p.add_argument("--train-puzzles", type=int, default=20000, help="distinct generated training puzzles")
+    p.add_argument("--grades", type=lambda s: s.split(","),
+                   help=f"train only on the generated puzzles of these grades, comma-separated ({', '.join(GRADES)}; "
+                        f"default: all)")
     p.add_argument("--data-dir", default=os.path.join(HERE, "data"), help="cache of generated puzzles")
     p.add_argument("--workers", type=int, help="processes for puzzle generation (default: all cores)")
     p.add_argument("--seed", type=int, default=0,
@@ -1259,6 +1285,9 @@ def check_args(args):
     for name in [n for n in non_negative if getattr(args, n) is not None]:
         if not getattr(args, name) >= 0:
             raise dg.DiffusionGemmaError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    unknown = [g for g in args.grades or [] if g not in GRADES]
+    if unknown:
+        raise dg.DiffusionGemmaError(f"--grades: unknown grade {unknown[0]!r}; choose from {', '.join(GRADES)}")
     if not 0 <= args.sc_prob <= 1:
         raise dg.DiffusionGemmaError(f"--sc-prob is a share of the examples, from 0 to 1 (got {args.sc_prob})")
     # output paths, checked now rather than after minutes of training or solving
