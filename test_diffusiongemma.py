@@ -1189,7 +1189,7 @@ def test_grades_trains_on_those_puzzles_only(sudoku_run, tmp_path):
     r = run_train_sudoku("--grades", "hard", "--train-puzzles", "1", "--data-dir", str(root / "data"),
                          "--out", str(tmp_path / "none"), "--device", "cpu", "--compile", "off")
     assert ts.training_puzzles(1, 0, str(root / "data"))[0]["grade"] == "singles"  # seed 0's one puzzle
-    assert_one_error_line(r, "--grades hard: 0 of the 1 training puzzles have these grades; raise --train-puzzles")
+    assert_one_error_line(r, "--grades hard: none of the 1 training puzzles has these grades; raise --train-puzzles")
 
 
 def test_training_lowers_the_loss(sudoku_run):

@@ -936,8 +936,8 @@ def train(args):
     if args.grades:  # e.g. a fine-tuning stage on the puzzles that need more than singles
         rows = [r for r in rows if r["grade"] in args.grades]
         if not rows:
-            raise dg.DiffusionGemmaError(f"--grades {','.join(args.grades)}: {len(rows)} of the {args.train_puzzles} "
-                                         f"training puzzles have these grades; raise --train-puzzles")
+            raise dg.DiffusionGemmaError(f"--grades {','.join(args.grades)}: none of the {args.train_puzzles} "
+                                         f"training puzzles has these grades; raise --train-puzzles")
     train_rows, val_rows, _ = split_by_solution(rows, (0.99, 0.01, 0.0), seed=args.seed)
     batches = Batches(train_rows, tok, fmt, cfg.canvas_length, args.batch_size // world, args.seed, device, rank)
     val_rows = val_rows[:args.eval_puzzles]
