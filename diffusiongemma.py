@@ -229,7 +229,8 @@ PRESETS = {
                          moe_intermediate_size=128, sliding_window=256, layer_types=[SLIDING] * 4,
                          # the next two shape full layers only: unused here, kept small for tests that add some
                          num_global_key_value_heads=1, global_head_dim=32,
-                         max_position_embeddings=512, canvas_length=81, image_token_id=15, boi_token_id=13, eoi_token_id=14),
+                         max_position_embeddings=512, canvas_length=81, image_token_id=15, boi_token_id=13,
+                         eoi_token_id=14),
     "sudoku": dict(vocab_size=16, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_global_key_value_heads=1,
                    global_head_dim=128, num_experts=8, top_k_experts=2, moe_intermediate_size=128,
