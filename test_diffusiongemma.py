@@ -221,6 +221,28 @@ def test_grouped_experts_match_loop():
     assert rel_err(b, a) < 1e-5
 
 
+def test_gathered_experts_match_loop():
+    """forward_gathered (a lone token's experts read in place by index; what the compiled grouped path runs for
+    one token) computes what the loop computes: called eagerly, and picked by the compiled forward at one token."""
+    cfg = tiny_config(num_experts=8, top_k_experts=3)
+    model = randomise_(DiffusionGemma(cfg), seed=2)
+    experts, router = model.layers[0].experts, model.layers[0].router
+    x = torch.randn(4, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    w, ids = router(x)
+    ref = experts.forward_loop(x, w, ids)
+    assert rel_err(experts.forward_gathered(x, w, ids), ref) < 1e-5  # any number of tokens
+    eb, xb = experts.to(torch.bfloat16), x.bfloat16()  # compiled, the grouped GEMM is bf16 only
+    eb.impl = "grouped"
+    refb = eb.forward_loop(xb, w, ids).float()
+    with torch.no_grad():
+        assert rel_err(torch.compile(eb.forward, dynamic=False)(xb[:1], w[:1], ids[:1]).float(), refb[:1]) < 2e-2
+        eb.forward_gathered = None  # the compiled forward takes it at one token, and only there
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="NoneType"):
+            torch.compile(eb.forward, dynamic=False)(xb[:1], w[:1], ids[:1])
+        assert rel_err(torch.compile(eb.forward, dynamic=False)(xb[:2], w[:2], ids[:2]).float(), refb[:2]) < 2e-2
+
+
 def test_sort_pairs_is_a_stable_sort_by_expert():
     """The counting sort behind the grouped experts: the pairs in the order of a stable sort by expert, the
     inverse permutation, and each expert's end row (experts that got no pair included)."""
