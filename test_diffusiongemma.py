@@ -709,6 +709,20 @@ def test_sampler_draws_like_multinomial():
         assert torch.equal(sc, logits / 0.7)
 
 
+def test_shared_sampler_agrees_with_sampler_math():
+    """sampler_math_shared (the fast path's compiled sampler, its softmax's max and sum shared with the
+    entropy) gives sampler_math's draws, argmax and self-conditioning logits, and its entropy to rounding."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 300, generator=g) * 6
+    logits[:5, 7] += 60  # nearly one-hot rows: entropies near 0
+    q = torch.empty_like(logits).exponential_(generator=g)
+    ref = dg.sampler_math(logits, 0.7, q, torch.bfloat16)
+    got = dg.sampler_math_shared(logits, 0.7, q, torch.bfloat16)
+    for a, b in zip(ref[:2] + ref[3:], got[:2] + got[3:]):
+        assert torch.equal(a, b)
+    assert torch.allclose(got[2], ref[2], atol=1e-5, rtol=1e-5) and ref[2][:5].max() < 1e-3
+
+
 def fast_path(model, batch_size, capacity=128):
     """A FastPath with every chunk small, so each chunked loop runs several times (and ends ragged)."""
     return dg.FastPath(model, batch_size=batch_size, capacity=capacity, prefill_chunk=7, vocab_chunk=100,
