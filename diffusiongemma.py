@@ -582,7 +582,7 @@ class Layer(nn.Module):
         self.encoder_layer_scalar = nn.Parameter(torch.ones(1))  # encoder copy (checkpoint: model.encoder....layer_scalar)
 
     def forward(self, x, cos, sin, keys_values, mask, encoder: bool):
-        """x [B, T, H] -> [B, T, H], plus this pass's k, v for the cache (see Attention.forward)."""
+        """x [B, T, H] -> [B, T, H], plus this pass's k, v for the cache (see Attention.project)."""
         q, k, v = self.project(x, cos, sin)
         attn = self.self_attn(q, k, v, keys_values, mask)
         return self.feed_forward(x, attn, encoder), k, v
@@ -1260,8 +1260,9 @@ def sampler_math_shared(logits, t, q, sc_dtype):
     """sampler_math for torch.compile (the fast path's compiled sampler): the softmax's max and sum written out,
     so that the entropy reuses them. Compiled, it makes three passes over the logits instead of five (inductor
     does not share the max and sum of F.softmax and F.log_softmax): 0.70 against 1.25 ms per step with the
-    exponential draw on an H100 (canvas 256, vocabulary 262,144; README.md). Same draws as sampler_math where
-    e / s rounds as the softmax does (compiled, both make the same kernels; a test checks agreement)."""
+    exponential draw on an H100 (canvas 256, vocabulary 262,144; README.md). Its draws are sampler_math's
+    wherever e / s rounds as F.softmax does (compiled, both give the same kernels for it; a test checks that
+    the two agree)."""
     scaled = logits / t
     shifted = scaled - scaled.amax(-1, keepdim=True)
     e = shifted.exp()
