@@ -192,7 +192,8 @@ def load(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.batch < 1:
-        raise dg.DiffusionGemmaError(f"--batch must be >= 1 (got {args.batch}); it is the number of prompts run together")
+        raise dg.DiffusionGemmaError(f"--batch must be >= 1 (got {args.batch}); "
+                                     f"it is the number of prompts run together")
     if args.prompt_file and not os.path.isfile(args.prompt_file):
         raise dg.DiffusionGemmaError(f"prompt file {args.prompt_file!r} does not exist; give the path of a text file")
     model, ckpt, device = load(args)

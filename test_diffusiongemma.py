@@ -1496,10 +1496,10 @@ def test_a_run_from_a_sudoku_checkpoint_keeps_its_sampler_and_chains(sudoku_run,
                          "--data-dir", str(root / "data"), "--eval-every", "0", "--out", str(tmp_path / "ft"),
                          "--export", str(tmp_path / "bf16"), "--device", "cpu", "--compile", "off")
     assert r.returncode == 0, r.stderr
-    bundled = [json.load(open(os.path.join(ts.BUNDLED, f))) for f in ("generation_config.json", "sudoku.json")]
+    bundled = [dg.read_json(os.path.join(ts.BUNDLED, f)) for f in ("generation_config.json", "sudoku.json")]
     assert bundled[0]["t_max"] == 1.2 and bundled[1]["attempts"] == 32
     for folder in ("ft", "bf16"):
-        assert [json.load(open(tmp_path / folder / f)) for f in ("generation_config.json", "sudoku.json")] == bundled
+        assert [dg.read_json(tmp_path / folder / f) for f in ("generation_config.json", "sudoku.json")] == bundled
 
 
 def test_fine_tune_from_a_hugging_face_checkpoint_uses_the_chat_format(text_ckpt, tmp_path):
@@ -1509,7 +1509,7 @@ def test_fine_tune_from_a_hugging_face_checkpoint_uses_the_chat_format(text_ckpt
                          "--warmup", "1", "--out", str(tmp_path / "ft"), "--device", "cpu", "--workers", "1",
                          "--compile", "off")
     assert r.returncode == 0, r.stderr
-    assert json.load(open(tmp_path / "ft" / "sudoku.json")) == {"format": "chat"}
+    assert dg.read_json(tmp_path / "ft" / "sudoku.json") == {"format": "chat"}
     tok = dg.Tokenizer.from_pretrained(text_ckpt)
     prompt = tok.decode(ts.prompt_ids(tok, EASY, "chat"), strip_thoughts=False)
     assert prompt.startswith("system\nSolve the following Sudoku puzzle.") and "0 0 3 0 2 0 6 0 0\n9 0 0" in prompt
