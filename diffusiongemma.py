@@ -345,27 +345,35 @@ def masked_softmax(scores, bias, dtype):
     return torch.softmax(scores.view(B, kv, R // T, T, S) + bias[:, :, None], dim=-1).to(dtype).view(B, kv, R, S)
 
 
-def attend(q, k, v, bias, softmax=masked_softmax):
+def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28):
     """softmax(q k^T + bias) v per KV head, scale 1.0 (q and k are RMS-normalised per head):
     q [B, kv, R, D] (R = G*T query rows: G query heads of T tokens each), k, v [B, kv, S, D], bias [B, 1, T, S]
     (0 or -inf, shared by the G heads) -> [B, kv, R, D].
     SDPA's fused kernels spread only query rows over the GPU: with the few rows of a denoising step, a
     commit or an AR token they leave most of it idle (one AR query row: a handful of blocks walk all the
-    keys). There, outside autograd, explicit matmuls run instead, with fp32 scores like the fused kernels."""
+    keys). There, outside autograd, explicit matmuls run instead, with fp32 scores like the fused kernels,
+    a few query heads at a time so that each product's scores stay under max_scores (256M: 1 GiB)."""
     B, kv, R, D = q.shape
     T, S = bias.shape[2], k.shape[2]
-    # the fused kernels for training, for many query rows (a prefill chunk; a canvas has G*T <= 2048), and
-    # beyond 256M scores (1 GiB in fp32; at batch 1 the full layers' canvas rows stay under it to a 64k context)
-    if torch.is_grad_enabled() or R > 2048 or B * kv * R * S > 2 ** 28:
-        bias = bias[:, :, None].expand(B, 1, R // T, T, S).reshape(B, 1, R, S)  # SDPA wants a mask row per query row
+    G = R // T
+    heads_per_product = max_scores // (B * kv * T * S)  # query heads whose scores fit under max_scores
+    # the fused kernels: for training; for many query rows (a prefill chunk) where a flash kernel takes the
+    # heads (head_dim <= 256: the 512-wide full layers would get only the memory-efficient kernel, 3x slower
+    # than the matmuls in a 4k prefill on an H200); and beyond max_scores for a single query head
+    if torch.is_grad_enabled() or (R > 2048 and D <= 256) or heads_per_product == 0:
+        bias = bias[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, R, S)  # SDPA wants a mask row per query row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-    q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
-    if q.is_cuda and q.dtype != torch.float32 and BMM_FP32_OUT:
-        scores = torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)  # fp32 sums of the bf16 products
-    else:
-        scores = torch.bmm(q.float(), k.float().transpose(1, 2))
-    probs = softmax(scores.view(B, kv, R, S), bias, v.dtype)
-    return torch.bmm(probs.flatten(0, 1), v).view(B, kv, R, D)
+    k, v = k.flatten(0, 1), v.flatten(0, 1)
+    out = []
+    for qs in q.split(heads_per_product * T, dim=2):  # [B, kv, g*T, D]: g whole query heads
+        qs = qs.flatten(0, 1)
+        if q.is_cuda and q.dtype != torch.float32 and BMM_FP32_OUT:
+            scores = torch.bmm(qs, k.transpose(1, 2), out_dtype=torch.float32)  # fp32 sums of the bf16 products
+        else:
+            scores = torch.bmm(qs.float(), k.float().transpose(1, 2))
+        probs = softmax(scores.view(B, kv, -1, S), bias, v.dtype)
+        out.append(torch.bmm(probs.flatten(0, 1), v).view(B, kv, -1, D))
+    return out[0] if len(out) == 1 else torch.cat(out, 2)
 
 
 def softcap(logits, cap):
@@ -645,8 +653,9 @@ class KVCache:
             return k, v
         return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
 
-    def visible(self, kind, device):
-        """Positions [S] and validity [B, S] of the cached tokens of a layer of this kind."""
+    def visible(self, kind, device, T):
+        """Positions [S] and validity [B, S] of the cached tokens that a pass of T tokens sees in a layer of
+        this kind (here all of them; StaticKVCache drops unwritten slots for long passes)."""
         S = self.kept(kind)
         return torch.arange(self.length - S, self.length, device=device), self.valid[:, self.length - S:].to(device)
 
@@ -723,17 +732,27 @@ class StaticKVCache:
     def keys_values(self, layer, k, v):
         """The pass's own k, v go to the tail, so attention reads one buffer and nothing is concatenated
         (a pass longer than the tail, a prefill chunk, concatenates). Returns the cache's S slots and
-        padded(T) tail slots (see own_keys)."""
-        S, T = self.slots[self.cfg.layer_types[layer]], k.shape[2]
-        K, V = self.k[layer], self.v[layer]
+        padded(T) tail slots (see own_keys); a long pass, the first read_slots() slots and its own T."""
+        kind, T = self.cfg.layer_types[layer], k.shape[2]
+        S, K, V = self.slots[kind], self.k[layer], self.v[layer]
         if T > K.shape[2] - S:
+            S = self.read_slots(kind, T)
             return torch.cat([K[:, :, :S], k], dim=2), torch.cat([V[:, :, :S], v], dim=2)
         K[:, :, S:S + T] = k
         V[:, :, S:S + T] = v
         return K[:, :, :S + self.padded(T)], V[:, :, :S + self.padded(T)]
 
-    def visible(self, kind, device):
-        pos, valid = self.pos[kind], self.valid[kind]
+    def read_slots(self, kind, T):
+        """How many of a layer's cache slots a pass of T tokens reads: all of them, so that the recorded passes
+        keep their shapes, except in a pass longer than the tail (a prefill chunk, always eager): there the
+        full layers read only the slots written so far (position p lives in slot p), so a 4k prompt in a 32k
+        cache attends to at most 4k keys, not 32k."""
+        S = self.slots[kind]
+        return min(S, self.host_length) if kind == FULL and T > self.cfg.canvas_length else S
+
+    def visible(self, kind, device, T):
+        S = self.read_slots(kind, T)
+        pos, valid = self.pos[kind][:S], self.valid[kind][:, :S]
         if kind == SLIDING:  # the last window-1 tokens, as in KVCache (the ring holds a few more)
             valid = valid & (pos > self.length - self.cfg.sliding_window)
         return pos, valid
@@ -840,7 +859,7 @@ class DiffusionGemma(nn.Module):
         band = cfg.sliding_window_mode == "band"
         masks = {}  # one per layer kind: the cache shows every layer of a kind the same tokens
         for kind in dict.fromkeys(cfg.layer_types):
-            ctx_pos, ctx_valid = cache.visible(kind, x.device)
+            ctx_pos, ctx_valid = cache.visible(kind, x.device, T)
             window = cfg.sliding_window if kind == SLIDING else None
             if not encoder and not band:
                 window = None  # "anchored": every canvas query sees the whole cached tail and the canvas

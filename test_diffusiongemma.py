@@ -261,20 +261,24 @@ def test_sort_pairs_is_a_stable_sort_by_expert():
 
 
 def test_explicit_attention_matches_sdpa():
-    """attend's explicit matmuls (few query rows, no autograd: the fast path) compute SDPA's attention, masked,
-    at scale 1, with one mask shared by the G query heads of a KV head; many query rows (a prefill chunk) go
-    to SDPA itself."""
+    """attend's explicit matmuls (few query rows, or heads wider than 256; no autograd: the fast path) compute
+    SDPA's attention, masked, at scale 1, with one mask shared by the G query heads of a KV head, also when
+    the scores are split over several products (max_scores); many query rows of narrow heads (a prefill chunk)
+    go to SDPA itself."""
     g = torch.Generator().manual_seed(0)
     G = 2
-    for rows in (64, 4096):
-        q, k, v = (torch.randn(1, 2, n, 32, generator=g) for n in (G * rows, 300, 300))
+    # (query rows per head, head_dim, max_scores): explicit; explicit, one query head per product; SDPA;
+    # explicit for 320-wide heads despite many rows, in two products
+    for rows, D, max_scores in ((64, 32, 2 ** 28), (64, 32, 2 * 64 * 300), (4096, 32, 2 ** 28),
+                                (2100, 320, 2 * 2100 * 300)):
+        q, k, v = (torch.randn(1, 2, n, D, generator=g) for n in (G * rows, 300, 300))
         mask = torch.rand(1, 1, rows, 300, generator=g) > 0.3
         mask[..., 0] = True  # every row sees a key
         bias = dg.attention_bias(mask, torch.float32)
         with torch.no_grad():
-            got = dg.attend(q, k, v, bias)
+            got = dg.attend(q, k, v, bias, max_scores=max_scores)
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.repeat(1, 1, G, 1), scale=1.0)
-        assert rel_err(got, want) < 1e-5
+        assert rel_err(got, want) < 1e-5, (rows, D, max_scores)
 
 
 def test_fused_projections_match_separate_ones(tmp_path):
@@ -758,6 +762,28 @@ def test_fast_path_logits_match_plain(tiny_ckpt, mode):
         fast.commit(block)
         assert fast.cache.host_length == cache.length == ids.shape[1] + 16
         assert rel_err(fast.denoise(canvas, l1 / 0.7), l3) < 1e-5
+
+
+def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
+    """Prefill chunks longer than the cache's tail are eager, so their full layers attend only to the slots
+    written so far, not to the whole capacity: the logits still match the plain path's, and the keys such a
+    chunk reads stop at the cache's length."""
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu")
+    g = torch.Generator().manual_seed(6)
+    ids, valid = dg.left_pad([[2] + list(range(20, 80)), [2] + list(range(100, 140))], 0, "cpu")
+    canvas = torch.randint(0, 512, (2, 16), generator=g)
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        model.encode(ids, cache, valid)
+        want = model.denoise(canvas, cache)
+        fast = dg.FastPath(model, batch_size=2, capacity=256, prefill_chunk=20)  # 4 chunks, each > 16 (the tail)
+        fast.start(2, ids.shape[1] + 16)
+        fast.prefill(ids, valid)
+        assert rel_err(fast.denoise(canvas, None), want) < 1e-5
+        full = model.cfg.layer_types.index(dg.FULL)
+        k = torch.zeros(2, model.cfg.num_global_key_value_heads, 20, model.cfg.global_head_dim)
+        keys, _ = fast.cache.keys_values(full, k, k)
+        assert keys.shape[2] == ids.shape[1] + 20 < fast.cache.capacity
 
 
 def test_fast_path_with_compiled_layers_matches_eager(gentle_ckpt):
