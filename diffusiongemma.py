@@ -358,8 +358,8 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28):
     G = R // T
     heads_per_product = max_scores // (B * kv * T * S)  # query heads whose scores fit under max_scores
     # the fused kernels: for training; for many query rows (a prefill chunk) where a flash kernel takes the
-    # heads (head_dim <= 256: the 512-wide full layers would get only the memory-efficient kernel, 3x slower
-    # than the matmuls in a 4k prefill on an H200); and beyond max_scores for a single query head
+    # heads (head_dim <= 256; the 512-wide full layers get only the memory-efficient kernel, which took as long
+    # as the matmuls over 4k keys and was slower over more, README.md); and beyond max_scores for one query head
     if torch.is_grad_enabled() or (R > 2048 and D <= 256) or heads_per_product == 0:
         bias = bias[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, R, S)  # SDPA wants a mask row per query row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
