@@ -1420,9 +1420,10 @@ def bundled_sudoku():
     return DiffusionGemma.from_pretrained(ts.BUNDLED, dtype=torch.float32, device="cpu"), dg.Tokenizer.from_pretrained(ts.BUNDLED)
 
 
-def test_evaluate_runs_chain_0_then_more_chains_for_the_unsolved(bundled_sudoku):
+def test_evaluate_runs_chain_0_then_more_chains_for_the_unsolved(bundled_sudoku, monkeypatch, capsys):
     """attempts=K: chain 0 of every puzzle is the plain batched generate, draw for draw (attempts=1); then
-    the K-1 other chains run side by side (neighbouring rows), only for the puzzles chain 0 left unsolved."""
+    the K-1 other chains run side by side (neighbouring rows), only for the puzzles chain 0 left unsolved.
+    Between generate calls it shows its progress on stderr."""
     model, tok = bundled_sudoku
     puzzles = [EASY, ts.parse_puzzle(HARD), INTERMEDIATE]
     gen = dg.GenerationConfig(max_new_tokens=81, max_denoising_steps=4, eos_token_id=[1])
@@ -1439,7 +1440,10 @@ def test_evaluate_runs_chain_0_then_more_chains_for_the_unsolved(bundled_sudoku)
     unsolved = [i for i, p in enumerate(puzzles) if not ts.is_valid_solution(first[i], p)]
     assert unsolved and len(unsolved) < len(puzzles)  # 4 steps: the easy puzzle is solved, the hard one is not
     more, more_steps = generate([[puzzles[i]] for i in unsolved], 2, g)       # 2 chains: one puzzle per call
+    monkeypatch.setattr(ts, "PROGRESS_SECONDS", 0)  # a progress line after every call (stderr is no terminal)
+    capsys.readouterr()
     one = ts.evaluate(model, tok, "compact", puzzles, max_steps=4, batch_size=2, seed=5, attempts=1)["records"]
+    assert "chain 0: 2/3 puzzles" in capsys.readouterr().err
     three = ts.evaluate(model, tok, "compact", puzzles, max_steps=4, batch_size=2, seed=5, attempts=3)["records"]
     for i, p in enumerate(puzzles):
         assert (one[i]["output"], one[i]["steps"], one[i]["chains"]) == (first[i], first_steps[i], 1)

@@ -1061,17 +1061,32 @@ def first_chain_solved(records):
     return sum(r["solved"] and r["attempt"] == 0 for r in records)
 
 
-def run_chains(model, tok, fmt, puzzles, chains, gen, generator, batch_size):
+PROGRESS_SECONDS = 30  # how often a long evaluation prints its progress when stderr is not a terminal
+
+
+def run_chains(model, tok, fmt, puzzles, chains, gen, generator, batch_size, label="solving"):
     """`chains` denoising chains for each puzzle, side by side: a puzzle's chains are neighbouring rows of
     one generate call, each drawing its own noise, max(1, batch_size // chains) puzzles per call.
-    Returns, per puzzle, a list of (grid or None, denoising steps), one per chain."""
+    Returns, per puzzle, a list of (grid or None, denoising steps), one per chain. Shows its progress on
+    stderr (puzzles done, puzzles/s, ETA): one live line on a terminal, else a line every PROGRESS_SECONDS."""
     out, per_call = [], max(1, batch_size // chains)
+    t0 = last = time.time()
+    live = sys.stderr.isatty()
     for i in range(0, len(puzzles), per_call):
         chunk = puzzles[i:i + per_call]
         res = dg.generate(model, [prompt_ids(tok, p, fmt) for p in chunk for _ in range(chains)], gen,
                           generator=generator)
         rows = [(read_answer(tok.decode(t.tolist())), steps) for t, steps in zip(res.tokens, res.forwards)]
         out += [rows[j * chains:(j + 1) * chains] for j in range(len(chunk))]
+        now, done = time.time(), len(out)
+        if done < len(puzzles) and (live or now - last >= PROGRESS_SECONDS):
+            rate = done / (now - t0)
+            line = (f"  {label}: {done}/{len(puzzles)} puzzles | {rate:.1f} puzzles/s | "
+                    f"ETA {(len(puzzles) - done) / rate / 60:.1f} min")
+            print(line, end="\r" if live else "\n", file=sys.stderr, flush=True)
+            last = now
+    if live and len(puzzles) > per_call:
+        print(" " * 80, end="\r", file=sys.stderr, flush=True)  # clear the live line
     return out
 
 
@@ -1095,10 +1110,11 @@ def evaluate(model, tok, fmt, puzzles, max_steps=48, batch_size=256, seed=0, gen
         "eos_token_id": [1] if fmt == "compact" else [1, 106, 50], **(gen_overrides or {})})
     g = torch.Generator(device=device).manual_seed(seed)
     t0 = time.time()
-    chains = run_chains(model, tok, fmt, puzzles, 1, gen, g, batch_size)  # chain 0 of every puzzle
+    chains = run_chains(model, tok, fmt, puzzles, 1, gen, g, batch_size, "chain 0")  # chain 0 of every puzzle
     retry = [i for i, p in enumerate(puzzles) if not is_valid_solution(chains[i][0][0], p)]
     if attempts > 1 and retry:
-        more = run_chains(model, tok, fmt, [puzzles[i] for i in retry], attempts - 1, gen, g, batch_size)
+        more = run_chains(model, tok, fmt, [puzzles[i] for i in retry], attempts - 1, gen, g, batch_size,
+                          f"{attempts - 1} more chains for the {len(retry)} unsolved")
         for i, extra in zip(retry, more):
             chains[i] = chains[i] + extra
     records = []
