@@ -684,7 +684,8 @@ class StaticKVCache:
     addresses (one CUDA graph of it serves every block). It keeps what KVCache keeps, behind masks:
       * full layers: S = capacity slots; position p lives in slot p;
       * sliding layers: a ring of S >= window - 1 + canvas slots; position p lives in slot p % S;
-      * after the S slots, a tail of `canvas` slots where a pass puts its own keys/values (keys_values).
+      * after the S slots, a tail of `canvas` slots where a pass puts its own keys/values (keys_values);
+        a longer pass (a prefill chunk, eager) reads only the full layers' written slots (read_slots).
     Per slot, `pos` holds the position written there (EMPTY before any) and `valid` whether it is a real
     token; visible() turns them into what KVCache.visible() returns, as a mask over all the slots. The length
     is a device tensor that passes read and only advance() moves, so a recorded pass can be replayed."""
