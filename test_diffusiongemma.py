@@ -1325,7 +1325,7 @@ def test_data_parallel_training_resumes_exactly(sudoku_run, tmp_path):
 
 
 def test_eval_only_and_sample_py_on_the_trained_checkpoint(sudoku_run, tmp_path):
-    root, _ = sudoku_run
+    root, log = sudoku_run
     puzzles = tmp_path / "p.txt"
     puzzles.write_text(EASY.replace("0", ".") + "  # a comment\n\n" + HARD + "\n")
     out = tmp_path / "r.jsonl"
@@ -1336,7 +1336,13 @@ def test_eval_only_and_sample_py_on_the_trained_checkpoint(sudoku_run, tmp_path)
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [x["puzzle"] for x in recs] == [EASY, HARD.replace(".", "0")]
     assert all(set(x) >= {"puzzle", "output", "steps"} and 1 <= x["steps"] <= 4 for x in recs)
-    s = run_sample("--checkpoint", str(root / "full"), "--prompt", EASY, "--device", "cpu", "--steps", "3")
+    # training ends with a command to try the model on its easiest validation puzzle: it runs
+    hint = [line for line in log.splitlines() if line.startswith("try it: python sample.py ")]
+    assert len(hint) == 1
+    tried = hint[0].split()[4:]
+    assert tried[:2] == ["--checkpoint", str(root / "full")] and tried[-2] == "--prompt"
+    assert ts.parse_puzzle(tried[-1]) == tried[-1]
+    s = run_sample(*tried, "--device", "cpu", "--steps", "3")
     assert s.returncode == 0, s.stderr
     assert "------+-------+------" in s.stdout and "steps/block" in s.stdout
 

@@ -1017,6 +1017,9 @@ def train(args):
             return model
     checkpoint(args.out, final=True)
     log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; saved to {args.out}")
+    if val_rows and fmt == "compact":  # the easiest validation puzzle, to try the model on
+        easy = max(val_rows, key=lambda r: r["clues"])["puzzle"]
+        log(f"try it: python sample.py --checkpoint {args.out} --attempts 32 --show --prompt {easy}")
     return model
 
 
