@@ -1258,6 +1258,24 @@ def test_grades_trains_on_those_puzzles_only(sudoku_run, tmp_path):
     assert_one_error_line(r, "--grades hard: none of the 1 training puzzles has these grades; raise --train-puzzles")
 
 
+def test_max_minutes_shrinks_the_schedule_to_end_in_time(sudoku_run, tmp_path):
+    """--max-minutes: after step 30 the run measures its pace and, if --steps would end it too late, trains fewer
+    steps (the learning-rate schedule shrinks with them); a run that fits keeps its steps. The CPU demo's
+    default (no --steps, no --time-budget) is a 9.5-minute ceiling on 800 steps."""
+    root, _ = sudoku_run
+    common = ["--batch-size", "4", "--train-puzzles", "300", "--data-dir", str(root / "data"), "--eval-every", "0",
+              "--log-every", "10", "--device", "cpu", "--compile", "off", "--warmup", "2"]
+    r = run_train_sudoku(*common, "--steps", "200", "--max-minutes", "0.001", "--out", str(tmp_path / "short"))
+    assert r.returncode == 0, r.stderr
+    assert "--max-minutes 0.001: at " in r.stdout and "200 steps would not end in time -> 31 steps" in r.stdout
+    assert "step 31/31 " in r.stdout and "done: 31 steps" in r.stdout  # the schedule's end moved to step 31
+    r = run_train_sudoku(*common, "--steps", "35", "--max-minutes", "60", "--out", str(tmp_path / "fits"))
+    assert r.returncode == 0, r.stderr
+    assert "would not end in time" not in r.stdout and "done: 35 steps" in r.stdout
+    assert (ts.parse_args([]).steps, ts.parse_args([]).max_minutes) == (800, 9.5)
+    assert ts.parse_args(["--steps", "800"]).max_minutes is None
+
+
 def test_training_lowers_the_loss(sudoku_run):
     _, log = sudoku_run
     losses = [float(line.split("| loss ")[1].split()[0]) for line in log.splitlines() if "| loss " in line]

@@ -902,6 +902,7 @@ def has_cpp_compiler():
 
 
 def train(args):
+    started = time.time()  # --max-minutes counts from here: data, compiling, training, the last solve
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -973,6 +974,7 @@ def train(args):
     tokens_per_step = args.batch_size * (batches.get(0)[0].shape[1] + 3 * cfg.canvas_length)
     t_start, t_last, step_last = time.time(), time.time(), step
     budget_s = args.time_budget * 60 if args.time_budget else None
+    pace = state is None and (budget_s or args.max_minutes)  # measure steps 10-30 to size the schedule
     while step < args.steps:
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for group in opt.param_groups:
@@ -985,13 +987,22 @@ def train(args):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         step += 1
-        if budget_s and state is None and step in (10, 30):  # fit the schedule to the time budget, once
+        if pace and step in (10, 30):  # fit the schedule to the time budget or ceiling, once
             if step == 10:
                 t10 = time.time()
             else:  # steps 10-30 (past the warm-up of kernels and allocator) set the pace
                 per_step = (time.time() - t10) / 20
-                args.steps = max(40, int((budget_s - (time.time() - t_start)) / per_step) + 30)
-                log(f"time budget {args.time_budget} min at {per_step * 1e3:.0f} ms/step -> {args.steps} steps")
+                if budget_s:
+                    args.steps = max(40, int((budget_s - (time.time() - t_start)) / per_step) + 30)
+                    log(f"time budget {args.time_budget} min at {per_step * 1e3:.0f} ms/step -> {args.steps} steps")
+                if args.max_minutes:
+                    left = started + 60 * args.max_minutes - FINISH_SECONDS - time.time()
+                    fits = max(31, 30 + int(left / per_step))
+                    if fits < args.steps:
+                        log(f"--max-minutes {args.max_minutes:g}: at {per_step * 1e3:.0f} ms/step, {args.steps} steps "
+                            f"would not end in time -> {fits} steps")
+                        args.steps = fits
+                args.steps = smallest_over_processes(args.steps, device)  # every process runs the same steps
         if step % args.log_every == 0 or step == args.steps:
             now = time.time()
             rate = (step - step_last) / (now - t_last)
@@ -1233,6 +1244,18 @@ def eval_only(args):
 # =============================================================================
 # Command line
 
+FINISH_SECONDS = 30  # kept for the final validation solve and the save when --max-minutes shrinks a run
+
+
+def smallest_over_processes(n: int, device) -> int:
+    """min(n) over the processes of a data-parallel run (n itself in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return n
+    t = torch.tensor([n], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sudoku-small", help=f"model preset to train from scratch: {', '.join(dg.PRESETS)}")
@@ -1241,7 +1264,11 @@ def parse_args(argv=None):
     p.add_argument("--out", help="training: the checkpoint folder (default runs/sudoku); --eval-only: a JSONL "
                                  "file of per-puzzle results")
     p.add_argument("--export", help="also write the final model here in bf16, without optimizer state")
-    p.add_argument("--steps", type=int, default=800, help="optimizer steps")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 800)")
+    p.add_argument("--max-minutes", type=float,
+                   help="a ceiling on the run's wall time: after step 30, --steps shrinks (the schedule with it) if "
+                        "the measured pace would end the run later. Default: 9.5 when neither --steps nor "
+                        "--time-budget is given (the CPU demo's 10 minutes), else none")
     p.add_argument("--stop-after", type=int, help="save and stop after this many steps, as Ctrl-C would")
     p.add_argument("--stop-after-minutes", type=float,
                    help="save and stop after this much wall time (for time-limited jobs; continue with --resume)")
@@ -1288,6 +1315,10 @@ def parse_args(argv=None):
         p.error("--eval-only needs --puzzles FILE")
     if not args.eval_only and not args.out:
         args.out = os.path.join(HERE, "runs", "sudoku")
+    if args.max_minutes is None and args.steps is None and args.time_budget is None:
+        args.max_minutes = 9.5  # the CPU demo: 800 steps where they fit in 10 minutes, fewer where not
+    if args.steps is None:
+        args.steps = 800
     return args
 
 
@@ -1295,7 +1326,7 @@ def check_args(args):
     """One clear error line for a setting that makes no sense (a number out of range, an output path of the
     wrong kind), before any work starts."""
     positive = ["steps", "batch_size", "lr", "clip", "train_puzzles", "log_every", "eval_batch"]
-    optional_positive = ["stop_after", "time_budget", "workers"]  # None: unset
+    optional_positive = ["stop_after", "time_budget", "max_minutes", "workers"]  # None: unset
     non_negative = ["warmup", "weight_decay", "ar_weight", "eval_every", "eval_puzzles", "save_every",
                     "stop_after_minutes"]  # --stop-after-minutes 0: stop after the first step
     for name in positive + [n for n in optional_positive if getattr(args, n) is not None]:
