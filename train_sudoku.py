@@ -901,6 +901,18 @@ def has_cpp_compiler():
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c)
 
 
+FINISH_SECONDS = 30  # kept for the final validation solve and the save when --max-minutes shrinks a run
+
+
+def smallest_over_processes(n: int, device) -> int:
+    """min(n) over the processes of a data-parallel run (n itself in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return n
+    t = torch.tensor([n], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
 def train(args):
     started = time.time()  # --max-minutes counts from here: data, compiling, training, the last solve
     rank, world, device = setup_distributed(args.device)
@@ -1243,18 +1255,6 @@ def eval_only(args):
 
 # =============================================================================
 # Command line
-
-FINISH_SECONDS = 30  # kept for the final validation solve and the save when --max-minutes shrinks a run
-
-
-def smallest_over_processes(n: int, device) -> int:
-    """min(n) over the processes of a data-parallel run (n itself in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return n
-    t = torch.tensor([n], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return int(t.item())
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
