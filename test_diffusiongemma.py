@@ -1402,6 +1402,7 @@ def test_malformed_side_files_of_a_checkpoint(tmp_path, name, content, message):
     ("--batch-size", "0", "--batch-size must be > 0 (got 0)"),
     ("--lr", "-1e-3", "--lr must be > 0"),
     ("--warmup", "-5", "--warmup must be >= 0"),
+    ("--max-minutes", "0", "--max-minutes must be > 0 (got 0.0)"),
     ("--sc-prob", "1.5", "--sc-prob is a share of the examples"),
     ("--grades", "hard,easy", "--grades: unknown grade 'easy'; choose from singles, intermediate, hard"),
 ])
