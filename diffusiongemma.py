@@ -311,7 +311,12 @@ class Attention(nn.Module):
         # rows of that head (SDPA's fused kernels take no enable_gqa, and the 512-wide heads fit only one)
         G = self.heads // self.kv_heads
         q = q.reshape(B, self.kv_heads, G * T, self.head_dim)
-        y = attend(q, k_all, v_all, mask, self.softmax)  # [B, kv, G*T, D]
+        return self.output(attend(q, k_all, v_all, mask, self.softmax), T)
+
+    def output(self, y, T):
+        """The heads' outputs y [B, kv, G*T, D] (G query heads of T rows per KV head) -> o_proj of their
+        concatenation per token [B, T, H]."""
+        B, G = y.shape[0], self.heads // self.kv_heads
         y = y.unflatten(2, (G, T)).permute(0, 3, 1, 2, 4).reshape(B, T, self.heads * self.head_dim)
         return self.o_proj(y)
 
@@ -381,10 +386,10 @@ def softcap(logits, cap):
     return cap * torch.tanh(logits.float() / cap)
 
 
-def softcap_into(out, logits, cap):
-    """out[...] = softcap(logits, cap): one vocabulary chunk of the fast path's head, written into its slice of
-    the fp32 logits (compile_layers fuses it into one kernel per chunk)."""
-    out.copy_(softcap(logits, cap))
+def head_chunk(out, h, w, cap):
+    """out[...] = softcap(h @ w^T, cap): one vocabulary chunk w [chunk, H] of the fast path's head, written into
+    its slice out [..., chunk] of the fp32 logits (compile_layers fuses the softcap into one kernel per chunk)."""
+    out.copy_(softcap(F.linear(h, w), cap))
 
 
 def fuse_linears(linears):
@@ -814,7 +819,7 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
         self._inv_freq = {}  # device -> {layer type: fp32 inverse frequencies}; kept out of .to(dtype)
-        self.softcap_into = softcap_into  # the head's chunk epilogue (compile_layers swaps in a fused one)
+        self.head_chunk = head_chunk  # one vocabulary chunk of the head (compile_layers swaps in a compiled one)
         # sqrt(H) rounded to each float dtype the weights may have (Python numbers: no tensor, no sync)
         self._embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt, device="cpu").item()
                              for dt in (torch.float32, torch.bfloat16, torch.float16)}
@@ -838,7 +843,7 @@ class DiffusionGemma(nn.Module):
             return softcap(F.linear(h, E), cap)
         out = torch.empty(*h.shape[:-1], E.shape[0], dtype=torch.float32, device=h.device)
         for a in range(0, E.shape[0], chunk):
-            self.softcap_into(out[..., a:a + chunk], F.linear(h, E[a:a + chunk]), cap)
+            self.head_chunk(out[..., a:a + chunk], h, E[a:a + chunk], cap)
         return out
 
     def rope(self, positions, dtype):
@@ -942,25 +947,27 @@ class DiffusionGemma(nn.Module):
 
     def compile_layers(self, autotune=False):
         """torch.compile the elementwise-heavy parts of the model so that their many small kernels fuse:
-        every layer's Layer.project and Layer.feed_forward (norms, RoPE, gates, routing, the experts'
-        gather and sum), the explicit attention's masked softmax, the head's softcap (one kernel per
-        vocabulary chunk, written straight into the logits) and the self-conditioning product's softmax.
-        Matmuls and the KV cache stay as they are. Used by train_sudoku.py on GPU (1.8x per step for the
-        Sudoku model on an H100) and by FastPath(compile_layers=True). Each distinct shape, grad mode and
-        encoder flag compiles once; layers of the same shape share the compiled code (hence the raised
-        recompile limit).
-        autotune: compile Layer.feed_forward with inductor's max-autotune, which times Triton templates
-        against aten for each of its GEMM shapes, grouped-GEMM templates with 16-row tiles among them (on an
-        H100, the 26B experts' GEMMs 8-12% faster than aten's); each new shape takes seconds to minutes."""
+        every layer's Layer.project (norms, RoPE) and Layer.feed_forward (norms, gates, routing, the experts'
+        gather and sum), the explicit attention's masked softmax, the head's softcap (one kernel per vocabulary
+        chunk, written straight into the logits) and the self-conditioning product's softmax. Used by
+        train_sudoku.py on GPU (1.8x per step for the Sudoku model on an H100) and by
+        FastPath(compile_layers=True). Each distinct shape, grad mode and encoder flag compiles once; layers of
+        the same shape share the compiled code (hence the raised recompile limit).
+        autotune: compile them, and Attention.output (o_proj), with inductor's max-autotune, which times Triton
+        templates against aten for each GEMM shape inside them, grouped-GEMM templates with 16-row tiles among
+        them (on an H100, the 26B experts' GEMMs 8-12% faster than aten's); each new shape takes seconds to
+        minutes."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         softmax = torch.compile(masked_softmax, dynamic=False)
         mode = "max-autotune-no-cudagraphs" if autotune else None  # (the fast path records its own graphs)
         for layer in self.layers:
             layer.self_attn.softmax = softmax
+            layer.project = torch.compile(layer.project, dynamic=False, mode=mode)
+            if autotune:  # o_proj among the autotuned GEMMs; compiled alone it would fuse nothing
+                layer.self_attn.output = torch.compile(layer.self_attn.output, dynamic=False, mode=mode)
             layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False, mode=mode)
-            layer.project = torch.compile(layer.project, dynamic=False)
-        self.softcap_into = torch.compile(softcap_into, dynamic=False)
-        self.soft_embedding = torch.compile(self.soft_embedding, dynamic=False)
+        self.head_chunk = torch.compile(head_chunk, dynamic=False, mode=mode)
+        self.soft_embedding = torch.compile(self.soft_embedding, dynamic=False, mode=mode)
         return self
 
     def fuse_projections(self):

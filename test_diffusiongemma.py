@@ -786,29 +786,45 @@ def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
         assert keys.shape[2] == ids.shape[1] + 20 < fast.cache.capacity
 
 
+def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False):
+    """fp32 logits of the fast path's passes on one small batch: a denoising step without and with
+    self-conditioning, then (after a commit) an AR token."""
+    g = torch.Generator().manual_seed(5)
+    ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]], 0, device)
+    canvas, block = torch.randint(0, 512, (2, 16), generator=g), torch.randint(3, 500, (2, 16), generator=g)
+    model = DiffusionGemma.from_pretrained(ckpt, dtype=dtype, device=device)
+    fast = dg.FastPath(model, 2, capacity=64, compile_layers=compiled, autotune=autotune)
+    fast.start(2, ids.shape[1] + 33)
+    with torch.no_grad():
+        fast.prefill(ids, valid)
+        first = fast.denoise(canvas.to(device), None).float().cpu()
+        second = fast.denoise(canvas.to(device), first.to(device) / 0.7).float().cpu()
+        fast.commit(block.to(device))
+        ar = fast.ar_step(block[:, -1].to(device)).float().cpu()
+    return first, second, ar
+
+
 def test_fast_path_with_compiled_layers_matches_eager(gentle_ckpt):
     """FastPath(compile_layers=True) computes what the eager fast path computes, for a denoising step (with
     and without self-conditioning), a commit and an AR token. The compiled experts need bf16, whose own
     rounding moves this random model's logits by ~20% (bf16 eager against fp32 eager), so the check is that
     the compiled bf16 logits are no further from fp32 than the eager bf16 ones (CPU inductor here)."""
-    g = torch.Generator().manual_seed(5)
-    ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]], 0, "cpu")
-    canvas, block = torch.randint(0, 512, (2, 16), generator=g), torch.randint(3, 500, (2, 16), generator=g)
-    outputs = {}
-    for name, dtype, compiled in [("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
-                                  ("bf16 compiled", torch.bfloat16, True)]:
-        model = DiffusionGemma.from_pretrained(gentle_ckpt, dtype=dtype, device="cpu")
-        fast = dg.FastPath(model, 2, capacity=64, compile_layers=compiled)
-        fast.start(2, ids.shape[1] + 33)
-        with torch.no_grad():
-            fast.prefill(ids, valid)
-            first = fast.denoise(canvas, None).float().clone()
-            second = fast.denoise(canvas, first / 0.7).float().clone()
-            fast.commit(block)
-            ar = fast.ar_step(block[:, -1]).float().clone()
-        outputs[name] = (first, second, ar)
-    for ref, eager, compiled in zip(outputs["fp32"], outputs["bf16"], outputs["bf16 compiled"]):
-        assert rel_err(compiled, ref) < 1.25 * rel_err(eager, ref)
+    ref, eager = fast_path_passes(gentle_ckpt, torch.float32), fast_path_passes(gentle_ckpt, torch.bfloat16)
+    compiled = fast_path_passes(gentle_ckpt, torch.bfloat16, compiled=True)
+    for r, e, c in zip(ref, eager, compiled):
+        assert rel_err(c, r) < 1.25 * rel_err(e, r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="max-autotune's Triton GEMM templates need a CUDA GPU")
+def test_fast_path_autotuned_matches_eager_on_gpu(gentle_ckpt):
+    """The same with FastPath(compile_layers=True, autotune=True) on the GPU, CUDA graphs included: every
+    compiled GEMM (projections, o_proj, experts, the head's chunks, the self-conditioning product) may run
+    as a Triton template."""
+    ref = fast_path_passes(gentle_ckpt, torch.float32)
+    eager = fast_path_passes(gentle_ckpt, torch.bfloat16, "cuda")
+    tuned = fast_path_passes(gentle_ckpt, torch.bfloat16, "cuda", compiled=True, autotune=True)
+    for r, e, t in zip(ref, eager, tuned):
+        assert rel_err(t, r) < 1.25 * rel_err(e, r)
 
 
 @pytest.mark.parametrize("settings", [
