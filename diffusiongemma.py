@@ -84,7 +84,8 @@ class Config:
     top_k_experts: int = 8               # experts each token is routed to
     moe_intermediate_size: int = 704     # hidden width of one expert
     sliding_window: int = 1024           # sliding layers see keys with q - k < window (|q - k| while denoising)
-    layer_types: list = None             # per layer, "sliding_attention" or "full_attention"; None: 5 sliding then 1 full
+    layer_types: list = None             # per layer, "sliding_attention" or "full_attention";
+                                         # None: 5 sliding then 1 full, repeated
     rope_theta: float = 10000.0          # RoPE base of sliding layers (all head dims rotate)
     global_rope_theta: float = 1000000.0  # RoPE base of full layers
     global_partial_rotary_factor: float = 0.25  # share of full-layer head dims that rotate ("proportional" RoPE)
@@ -95,7 +96,8 @@ class Config:
     pad_token_id: int = 0                # <pad>; tokens after a stop token become pad
     eos_token_id: int = 1                # <eos>
     bos_token_id: int = 2                # <bos>, first token of every prompt
-    sliding_window_mode: str = "band"    # denoising on sliding layers: "band" (|q-k| < window, Google/vLLM) or "anchored" (transformers eager)
+    sliding_window_mode: str = "band"    # denoising on sliding layers: "band" (|q-k| < window, Google/vLLM)
+                                         # or "anchored" (the whole cached window and canvas: transformers eager)
     vision_config: dict = None           # passed through to config.json only; the vision tower is not implemented here
     image_token_id: int = 258880         # ids of the vision tower's tokens, passed through to config.json
     boi_token_id: int = 255999
@@ -162,7 +164,8 @@ class Config:
             eoi_token_id=hf.get("eoi_token_id", 258882),
         )
         unsupported = {k: t.get(k) for k in ("attention_bias", "hidden_activation") if k in t}
-        if unsupported.get("attention_bias") or unsupported.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        activation = unsupported.get("hidden_activation", "gelu_pytorch_tanh")
+        if unsupported.get("attention_bias") or activation != "gelu_pytorch_tanh":
             raise DiffusionGemmaError(f"config.json asks for {unsupported}, which this implementation does not support")
         kw.update(overrides)
         return cls(**kw)
@@ -592,7 +595,7 @@ class Layer(nn.Module):
         self.post_feedforward_layernorm_2 = RMSNorm(H, eps)   # after the experts
         self.post_feedforward_layernorm = RMSNorm(H, eps)     # after their sum
         self.layer_scalar = nn.Parameter(torch.ones(1))          # decoder copy
-        self.encoder_layer_scalar = nn.Parameter(torch.ones(1))  # encoder copy (checkpoint: model.encoder....layer_scalar)
+        self.encoder_layer_scalar = nn.Parameter(torch.ones(1))  # encoder copy (model.encoder....layer_scalar)
 
     def forward(self, x, cos, sin, keys_values, mask, encoder: bool):
         """x [B, T, H] -> [B, T, H], plus this pass's k, v for the cache (see Attention.project)."""
@@ -709,7 +712,8 @@ class StaticKVCache:
             self.k.append(torch.zeros(batch_size, kv, S, D, dtype=dtype, device=device))
             self.v.append(torch.zeros(batch_size, kv, S, D, dtype=dtype, device=device))
         self.pos = {kind: torch.full((S,), self.EMPTY, device=device) for kind, S in self.slots.items()}
-        self.valid = {kind: torch.zeros(batch_size, S, dtype=torch.bool, device=device) for kind, S in self.slots.items()}
+        self.valid = {kind: torch.zeros(batch_size, S, dtype=torch.bool, device=device)
+                      for kind, S in self.slots.items()}
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.host_length = 0  # the same count on the host, to check the capacity without a sync
 
@@ -852,7 +856,8 @@ class DiffusionGemma(nn.Module):
         if dev not in self._inv_freq:
             self._inv_freq[dev] = {
                 SLIDING: rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(dev),
-                FULL: rope_inv_freq(cfg.global_head_dim, cfg.global_rope_theta, cfg.global_partial_rotary_factor).to(dev)}
+                FULL: rope_inv_freq(cfg.global_head_dim, cfg.global_rope_theta,
+                                    cfg.global_partial_rotary_factor).to(dev)}
         return {kind: rope_cos_sin(positions, inv, dtype) for kind, inv in self._inv_freq[dev].items()}
 
     def run_layers(self, x, positions, cache: KVCache, valid, encoder: bool):
@@ -1027,7 +1032,8 @@ def checkpoint_files(path):
     """The safetensors files of a checkpoint folder, with one clear error if there are none."""
     from safetensors import safe_open  # noqa: F401  (imported here to keep the module import light)
     if not os.path.isdir(path):
-        raise DiffusionGemmaError(f"checkpoint folder {path!r} does not exist; pass a Hugging Face DiffusionGemma folder")
+        raise DiffusionGemmaError(f"checkpoint folder {path!r} does not exist; "
+                                  f"pass a Hugging Face DiffusionGemma folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise DiffusionGemmaError(f"{path!r} has no config.json; it is not a Hugging Face checkpoint folder")
     index = os.path.join(path, "model.safetensors.index.json")
@@ -1039,7 +1045,8 @@ def checkpoint_files(path):
         files = [os.path.join(path, s) for s in shards]
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
-            raise DiffusionGemmaError(f"shard {os.path.basename(missing[0])} listed in the index is missing from {path!r}")
+            raise DiffusionGemmaError(f"shard {os.path.basename(missing[0])} listed in the index is missing "
+                                      f"from {path!r}")
         return files
     single = os.path.join(path, "model.safetensors")
     if not os.path.isfile(single):
@@ -1056,7 +1063,8 @@ def load_checkpoint(cls, path, device=None, dtype=None, **config_overrides):
     except (ValueError, KeyError, TypeError) as e:
         if isinstance(e, DiffusionGemmaError):
             raise
-        raise DiffusionGemmaError(f"{path}/config.json is malformed or not a DiffusionGemma config ({type(e).__name__}: {e})")
+        raise DiffusionGemmaError(f"{path}/config.json is malformed or not a DiffusionGemma config "
+                                  f"({type(e).__name__}: {e})")
     device = torch.device(resolve_device(device))
     with torch.device("meta"):
         model = cls(cfg)
@@ -1210,10 +1218,12 @@ def resolve_dtype(dtype) -> torch.dtype:
 class GenerationConfig:
     max_new_tokens: int = 256          # tokens to generate: ceil(max_new_tokens / canvas_length) blocks at most
     max_denoising_steps: int = 48      # denoising steps per block at most
-    entropy_bound: float = 0.1         # accept the lowest-entropy positions while the entropies before them sum <= this (nats)
+    entropy_bound: float = 0.1         # accept the lowest-entropy positions while the entropies before
+                                       # them sum to at most this (nats)
     t_max: float = 0.8                 # temperature at the first step ...
     t_min: float = 0.4                 # ... annealed linearly towards this one
-    stability_threshold: int = 1       # stop a block when the argmax equals the previous `stability_threshold` argmaxes ...
+    stability_threshold: int = 1       # stop a block when the argmax equals the previous
+                                       # `stability_threshold` argmaxes ...
     confidence_threshold: float = 0.005  # ... and the mean entropy is below this (0 turns adaptive stopping off)
     eos_token_id: list = field(default_factory=lambda: [1, 106, 50])  # <eos>, <turn|>, <|tool_response>
     pad_token_id: int = 0              # replaces every token after the first stop token

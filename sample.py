@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the checkpoint's, 256 = one block)")
     p.add_argument("--steps", type=int, help="maximum denoising steps per block (default: the checkpoint's "
                                                  "generation_config.json, else 48)")
-    p.add_argument("--entropy-bound", type=float, help="entropy budget of accepted positions per step, nats (default 0.1)")
+    p.add_argument("--entropy-bound", type=float,
+                   help="entropy budget of accepted positions per step, nats (default 0.1)")
     p.add_argument("--t-max", type=float, help="temperature at the first denoising step (default 0.8)")
     p.add_argument("--t-min", type=float, help="temperature the schedule anneals towards (default 0.4)")
     p.add_argument("--confidence-threshold", type=float,
@@ -37,7 +38,8 @@ def parse_args(argv=None):
                         "adaptive stopping off (default 0.005)")
     p.add_argument("--seed", type=int, default=0, help="seed of the one generator behind every random draw")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--batch", type=int, default=1, help="generate for N copies of the prompt at once")
     p.add_argument("--mode", choices=["diffusion", "ar"], default="diffusion",
                    help="diffusion (block denoising) or ar (the autoregressive baseline on the same weights)")
@@ -55,19 +57,21 @@ def parse_args(argv=None):
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
                    help="the fast path: static KV cache, grouped experts, CUDA graphs (default: on with CUDA)")
     p.add_argument("--compile-sampler", action=argparse.BooleanOptionalAction, default=None,
-                   help="fast path: fuse the sampler's passes over the logits with torch.compile (default: on with CUDA)")
+                   help="fast path: fuse the sampler's passes over the logits with torch.compile "
+                        "(default: on with CUDA)")
     p.add_argument("--compile-layers", action="store_true",
                    help="fast path: torch.compile the layers' norms, RoPE, gates and routing (fewer, fused kernels; "
                         "bf16 weights; the first pass pays for compiling)")
     p.add_argument("--autotune", action="store_true",
-                   help="with --compile-layers: let inductor time Triton templates against aten for the "
-                        "feed-forward's GEMMs (max-autotune; faster expert GEMMs, minutes more compiling once)")
+                   help="with --compile-layers: let inductor time Triton templates against aten for every "
+                        "compiled GEMM (max-autotune; faster expert GEMMs, minutes more compiling once)")
     p.add_argument("--fp8", action="store_true",
                    help="store the routed experts in float8 e4m3 with one scale per output row: half the bytes a "
                         "pass streams, faster on an H100; an approximation of the bf16 model, not exact (inference)")
     p.add_argument("--benchmark", action="store_true",
-                   help="time --repeat runs after a warm-up: median ms per pass (prefill, denoise, commit, or one AR "
-                        "token), tok/s, peak memory, and the weights streamed per pass against the card's copy bandwidth")
+                   help="time --repeat runs after a warm-up: median ms per pass (prefill, denoise, commit, or one "
+                        "AR token), tok/s, peak memory, and the weights streamed per pass against the card's copy "
+                        "bandwidth")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of --benchmark")
     return p.parse_args(argv)
 
@@ -249,7 +253,8 @@ def main(argv=None):
         model.experts_to_fp8()
     fast = None
     if use_fast:
-        new = gen.max_new_tokens if args.mode == "ar" else -(-gen.max_new_tokens // cfg.canvas_length) * cfg.canvas_length
+        blocks = -(-gen.max_new_tokens // cfg.canvas_length)
+        new = gen.max_new_tokens if args.mode == "ar" else blocks * cfg.canvas_length
         fast = dg.FastPath(model, batch_size=args.batch, capacity=len(ids) + new, timing=args.benchmark,
                            compile_sampler=args.compile_sampler is not False, compile_layers=args.compile_layers,
                            autotune=args.autotune)

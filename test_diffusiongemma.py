@@ -300,7 +300,8 @@ def test_fused_projections_match_separate_ones(tmp_path):
     assert attn.q_proj.weight.grad is not None and mlp.up_proj.weight.grad.abs().sum() > 0
     model.save_pretrained(str(tmp_path / "fused"))
     with torch.no_grad():
-        assert torch.equal(DiffusionGemma.from_pretrained(str(tmp_path / "fused"), device="cpu")(prompt, canvas), before)
+        reloaded = DiffusionGemma.from_pretrained(str(tmp_path / "fused"), device="cpu")
+        assert torch.equal(reloaded(prompt, canvas), before)
 
 
 def test_fp8_experts_approximate_bf16(tmp_path):
@@ -627,7 +628,8 @@ def test_generate_matches_transformers_token_for_token(gentle_ckpt, settings):
 def test_seed_reproduces_and_differs(tiny_ckpt):
     model = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu")
     gen = GenerationConfig(max_new_tokens=32, max_denoising_steps=4)
-    run = lambda seed: generate(model, [[2, 5, 6, 7]], gen, generator=torch.Generator().manual_seed(seed)).tokens  # noqa
+    def run(seed):
+        return generate(model, [[2, 5, 6, 7]], gen, generator=torch.Generator().manual_seed(seed)).tokens
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
 
@@ -1352,7 +1354,8 @@ def test_data_parallel_training_resumes_exactly(sudoku_run, tmp_path):
     # (one thread, as torchrun gives each process, so that the sums round the same way)
     r = run_train_sudoku(*settings(4), "--out", str(tmp_path / "single"), env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    a, b, single = (DiffusionGemma.from_pretrained(str(tmp_path / d), device="cpu") for d in ("full", "resumed", "single"))
+    a, b, single = (DiffusionGemma.from_pretrained(str(tmp_path / d), device="cpu")
+                    for d in ("full", "resumed", "single"))
     for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(x, y), n
     assert any(not torch.equal(x, z) for x, z in zip(a.parameters(), single.parameters()))
@@ -1392,7 +1395,7 @@ def test_eval_only_and_sample_reject_malformed_puzzles(sudoku_run, tmp_path, lin
     f.write_text(line + "\n")
     r = run_train_sudoku("--eval-only", "--checkpoint", str(root / "full"), "--puzzles", str(f), "--device", "cpu")
     assert_one_error_line(r, message)
-    s = run_sample("--checkpoint", str(root / "full"), "--prompt", line, "--device", "cpu")  # the same puzzle, as a prompt
+    s = run_sample("--checkpoint", str(root / "full"), "--prompt", line, "--device", "cpu")  # the same, as a prompt
     assert_one_error_line(s, message.removeprefix("line 1: "))
 
 
@@ -1423,8 +1426,9 @@ def test_malformed_side_files_of_a_checkpoint(tmp_path, name, content, message):
     ("--grades", "hard,easy", "--grades: unknown grade 'easy'; choose from singles, intermediate, hard"),
 ])
 def test_training_rejects_nonsense_settings(tmp_path, flag, value, message):
-    r = run_train_sudoku(f"{flag}={value}", "--steps", "2", "--train-puzzles", "300", "--data-dir", str(tmp_path / "data"),
-                         "--out", str(tmp_path / "run"), "--device", "cpu", "--compile", "off")
+    r = run_train_sudoku(f"{flag}={value}", "--steps", "2", "--train-puzzles", "300",
+                         "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                         "--device", "cpu", "--compile", "off")
     assert_one_error_line(r, message)
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # stopped before any work
 
@@ -1458,7 +1462,8 @@ def test_pick_attempt_takes_the_first_valid_grid():
 @pytest.fixture(scope="module")
 def bundled_sudoku():
     """The bundled Sudoku model (fp32, CPU) and its tokenizer."""
-    return DiffusionGemma.from_pretrained(ts.BUNDLED, dtype=torch.float32, device="cpu"), dg.Tokenizer.from_pretrained(ts.BUNDLED)
+    model = DiffusionGemma.from_pretrained(ts.BUNDLED, dtype=torch.float32, device="cpu")
+    return model, dg.Tokenizer.from_pretrained(ts.BUNDLED)
 
 
 def test_evaluate_runs_chain_0_then_more_chains_for_the_unsolved(bundled_sudoku, monkeypatch, capsys):
@@ -1585,5 +1590,6 @@ def test_fine_tune_from_a_hugging_face_checkpoint_uses_the_chat_format(text_ckpt
     prompt = tok.decode(ts.prompt_ids(tok, EASY, "chat"), strip_thoughts=False)
     assert prompt.startswith("system\nSolve the following Sudoku puzzle.") and "0 0 3 0 2 0 6 0 0\n9 0 0" in prompt
     # the fine-tuned weights moved away from the initial ones
-    a, b = DiffusionGemma.from_pretrained(text_ckpt, device="cpu"), DiffusionGemma.from_pretrained(str(tmp_path / "ft"), device="cpu")
+    a = DiffusionGemma.from_pretrained(text_ckpt, device="cpu")
+    b = DiffusionGemma.from_pretrained(str(tmp_path / "ft"), device="cpu")
     assert not torch.equal(a.layers[0].mlp.up_proj.weight, b.layers[0].mlp.up_proj.weight)

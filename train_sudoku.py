@@ -207,7 +207,8 @@ def _to_grid(c):
 
 
 def solve(puzzle: str, limit: int = 2) -> tuple[list[str], int]:
-    """Find up to `limit` solutions. Returns (solutions, guesses), guesses = branch values tried (0 = singles suffice)."""
+    """Find up to `limit` solutions. Returns (solutions, guesses): guesses = branch values tried (0 = singles
+    suffice)."""
     sols, counter = [], [0]
     _search(_cands(_clean(puzzle)), limit, sols, counter)
     return [_to_grid(s) for s in sols], counter[0]
@@ -576,7 +577,8 @@ def generate_many(jobs, workers=None, chunk=1000):
     """generate_puzzles for many (n, clues, seed) jobs over a pool of processes; duplicates dropped.
     Each job is cut into fixed chunks of `chunk` puzzles with their own seeds, so the puzzles do not
     depend on how many processes make them."""
-    chunks = [(min(chunk, n - a), clues, seed * 1000 + a // chunk) for n, clues, seed in jobs for a in range(0, n, chunk)]
+    chunks = [(min(chunk, n - a), clues, seed * 1000 + a // chunk)
+              for n, clues, seed in jobs for a in range(0, n, chunk)]
     workers = min(workers or os.cpu_count() or 1, len(chunks))
     if workers <= 1:
         parts = [generate_puzzles(*c) for c in chunks]
@@ -719,7 +721,8 @@ def read_meta(folder):
     try:
         meta = dg.read_json(path)
     except ValueError as e:
-        raise dg.DiffusionGemmaError(f"{path} is not valid JSON ({e}); fix it, e.g. {{\"format\": \"compact\"}}") from None
+        raise dg.DiffusionGemmaError(f"{path} is not valid JSON ({e}); "
+                                     f"fix it, e.g. {{\"format\": \"compact\"}}") from None
     if not isinstance(meta, dict) or meta.get("format") not in ("compact", "chat"):
         raise dg.DiffusionGemmaError(f"{path} must say {{\"format\": \"compact\"}} or {{\"format\": \"chat\"}}")
     return meta
@@ -1258,7 +1261,8 @@ def eval_only(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="sudoku-small", help=f"model preset to train from scratch: {', '.join(dg.PRESETS)}")
+    p.add_argument("--preset", default="sudoku-small",
+                   help=f"model preset to train from scratch: {', '.join(dg.PRESETS)}")
     p.add_argument("--init-from", help="fine-tune this Hugging Face DiffusionGemma checkpoint (chat format)")
     p.add_argument("--resume", help="continue a run from a checkpoint it saved (exactly where it stopped)")
     p.add_argument("--out", help="training: the checkpoint folder (default runs/sudoku); --eval-only: a JSONL "
