@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -93,7 +94,7 @@ class Config:
     final_logit_softcapping: float = 30.0  # logits = cap * tanh(logits / cap), in fp32
     max_position_embeddings: int = 262144  # longest context the model was trained for (prompt + generated)
     canvas_length: int = 256             # tokens denoised together: the block length of block diffusion
-    pad_token_id: int = 0                # <pad>; tokens after a stop token become pad
+    pad_token_id: int = 0                # <pad>: the left padding of batched prompts
     eos_token_id: int = 1                # <eos>
     bos_token_id: int = 2                # <bos>, first token of every prompt
     sliding_window_mode: str = "band"    # denoising on sliding layers: "band" (|q-k| < window, Google/vLLM)
@@ -306,7 +307,8 @@ class Attention(nn.Module):
     def forward(self, q, k, v, keys_values, mask):
         """q [B, heads, T, D], k, v [B, kv_heads, T, D] from project(); keys_values(k, v) -> the keys and values
         to attend to [B, kv_heads, S+T, D]: the cache's S, then this pass's own T (see KVCache.keys_values);
-        mask [B, 1, T, S+T] additive (0 or -inf, see attention_bias), the same for every head.
+        mask [B, 1, T, K] additive over the K keys that keys_values returns (0 or -inf, see attention_bias),
+        the same for every head.
         Returns the output [B, T, H]."""
         B, _, T, _ = q.shape
         k_all, v_all = keys_values(k, v)
@@ -768,7 +770,7 @@ class StaticKVCache:
         return pos, valid
 
     def _slots(self, kind, positions):
-        """The slots of the last min(T, S) positions (a ring keeps only the newest R), and how many."""
+        """The slots of the last min(T, S) positions (a ring keeps only the newest S), and how many."""
         n = min(positions.shape[0], self.slots[kind])
         return positions[-n:] % self.slots[kind], n
 
@@ -867,14 +869,14 @@ class DiffusionGemma(nn.Module):
         B, T, _ = x.shape
         cfg = self.cfg
         rope = self.rope(positions[None].expand(B, T), x.dtype)
-        band = cfg.sliding_window_mode == "band"
+        anchored = cfg.sliding_window_mode == "anchored"
+        own_pos, own_valid = cache.own_keys(positions, valid)
         masks = {}  # one per layer kind: the cache shows every layer of a kind the same tokens
         for kind in dict.fromkeys(cfg.layer_types):
             ctx_pos, ctx_valid = cache.visible(kind, x.device, T)
             window = cfg.sliding_window if kind == SLIDING else None
-            if not encoder and not band:
-                window = None  # "anchored": every canvas query sees the whole cached tail and the canvas
-            own_pos, own_valid = cache.own_keys(positions, valid)
+            if not encoder and anchored:
+                window = None  # every canvas query sees the whole cached tail and the canvas
             mask = attention_mask(positions, torch.cat([ctx_pos, own_pos]), torch.cat([ctx_valid, own_valid], 1),
                                   causal=encoder, window=window, band=not encoder)
             masks[kind] = attention_bias(mask, x.dtype)
@@ -918,7 +920,8 @@ class DiffusionGemma(nn.Module):
     def denoise(self, canvas, cache: KVCache, sc_logits=None, sc_mask=None, chunk=None):
         """Bidirectional pass over canvas [B, C] at positions cache.length.. ; reads the cache only.
         sc_logits [B, C, V]: the previous step's temperature-scaled logits (None on the first step).
-        sc_mask [B] bool: rows whose self-conditioning is zeroed (training). Returns fp32 logits [B, C, V].
+        sc_mask [B] bool: rows that get the self-conditioning signal (False: zeroed; training). Returns fp32
+        logits [B, C, V].
         chunk: vocabulary chunk of the head and of the self-conditioning product (see head)."""
         x = self.embed(canvas)
         soft = torch.zeros_like(x) if sc_logits is None else self.soft_embedding(sc_logits, chunk)
@@ -940,7 +943,7 @@ class DiffusionGemma(nn.Module):
 
     def init_weights(self, std=0.02, generator=None):
         """Random init (for training from scratch and tests): normal(std) matrices, unit norms/scales."""
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.dim() >= 2:
                 nn.init.normal_(p, std=std, generator=generator)
             else:
@@ -1030,7 +1033,6 @@ def hf_name(ours: str) -> str:
 
 def checkpoint_files(path):
     """The safetensors files of a checkpoint folder, with one clear error if there are none."""
-    from safetensors import safe_open  # noqa: F401  (imported here to keep the module import light)
     if not os.path.isdir(path):
         raise DiffusionGemmaError(f"checkpoint folder {path!r} does not exist; "
                                   f"pass a Hugging Face DiffusionGemma folder")
@@ -1068,7 +1070,7 @@ def load_checkpoint(cls, path, device=None, dtype=None, **config_overrides):
     device = torch.device(resolve_device(device))
     with torch.device("meta"):
         model = cls(cfg)
-    expected = {hf_name(n): (n, p) for n, p in model.named_parameters()}
+    expected = {hf_name(n): n for n, _ in model.named_parameters()}
     if dtype is None:  # the checkpoint's own dtype
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             hf_cfg.get("dtype", hf_cfg.get("torch_dtype")), torch.float32)
@@ -1089,7 +1091,7 @@ def load_checkpoint(cls, path, device=None, dtype=None, **config_overrides):
                 if key not in expected:
                     raise DiffusionGemmaError(f"unexpected tensor {key!r} in {os.path.basename(f)}: the checkpoint "
                                               f"does not match this DiffusionGemma config")
-                name, _ = expected[key]
+                name = expected[key]
                 shape = tuple(handle.get_slice(key).get_shape())
                 if shape != tuple(params[name].shape):
                     raise DiffusionGemmaError(f"tensor {key!r} has shape {list(shape)} but config.json implies "
@@ -1166,12 +1168,10 @@ def save_checkpoint(model, path, max_shard_bytes=5 * 10**9, extra_files=None):
             old = tempfile.mkdtemp(dir=parent, prefix=".old-" + os.path.basename(path))
             os.replace(path, os.path.join(old, "x"))
             os.replace(tmp, path)
-            import shutil
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     except BaseException:
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -1276,18 +1276,12 @@ def entropy(logits):
     return -(logp.exp() * logp).sum(-1)
 
 
-def sample_categorical(probs, generator=None):
-    """One draw per row of probs [N, V]: exactly torch.multinomial(probs, 1, generator=generator)[:, 0], the
-    same random numbers and arithmetic (argmax of probs / q, q ~ Exp(1)), minus multinomial's checks of the
-    probabilities, which copy a flag to the host and so stall the GPU at every call."""
-    q = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / q).argmax(-1)
-
-
 def sampler_math(logits, t, q, sc_dtype):
-    """The sampler's work on rows of logits [N, V] at temperature t, given q [N, V] ~ Exp(1) (see
-    sample_categorical) -> sample, argmax, entropy [N], and the scaled logits in sc_dtype (the next step's
-    self-conditioning input)."""
+    """The sampler's work on rows of logits [N, V] at temperature t, given q [N, V] ~ Exp(1) -> sample, argmax,
+    entropy [N], and the scaled logits in sc_dtype (the next step's self-conditioning input). The sample,
+    argmax(softmax / q), is exactly torch.multinomial's draw from the same generator (the same random numbers
+    and arithmetic) without its checks of the probabilities, which copy a flag to the host and so stall the GPU
+    at every call."""
     scaled = logits / t
     sample = (F.softmax(scaled, dim=-1) / q).argmax(-1)
     return sample, scaled.argmax(-1), entropy(scaled), scaled.to(sc_dtype)
@@ -1304,7 +1298,7 @@ def sampler_math_shared(logits, t, q, sc_dtype):
     shifted = scaled - scaled.amax(-1, keepdim=True)
     e = shifted.exp()
     s = e.sum(-1, keepdim=True)
-    sample = (e / s / q).argmax(-1)                                 # softmax / q, as sample_categorical
+    sample = (e / s / q).argmax(-1)                                 # softmax / q, as sampler_math
     ent = s[..., 0].log() - (e * shifted).sum(-1) / s[..., 0]      # -sum p log p, p = e / s
     return sample, scaled.argmax(-1), ent, scaled.to(sc_dtype)
 
@@ -1312,8 +1306,8 @@ def sampler_math_shared(logits, t, q, sc_dtype):
 def sample_logits(logits, t, generator, sc_dtype, rows=None, fn=sampler_math):
     """logits [B, C, V] -> (sample, argmax, entropy) [B, C] and the scaled logits [B, C, V] in sc_dtype.
     The random draw is torch.multinomial's (one call over all B*C rows, in transformers' order); the rest
-    runs `rows` positions at a time when given, so fp32 temporaries stay [rows, V]. fn: sampler_math or a
-    compiled copy of it (the fast path)."""
+    runs `rows` positions at a time when given, so fp32 temporaries stay [rows, V]. fn: sampler_math, or the
+    fast path's compiled sampler_math_shared."""
     B, C, V = logits.shape
     flat = logits.reshape(B * C, V)
     q = torch.empty_like(flat).exponential_(generator=generator)
@@ -1342,7 +1336,7 @@ def renoise(sample, accept, noise):
 
 def is_stable(argmax, history):
     """argmax [B, C]; history [S, B, C] of the previous S argmaxes (-1 where there was none yet, so
-    the earliest stop is the second step) -> bool [B]."""
+    the earliest stop is step S + 1) -> bool [B]."""
     return (history == argmax[None]).all(-1).all(0)
 
 
@@ -1377,8 +1371,10 @@ def left_pad(prompts, pad_id, device):
 def batch_prompts(prompts, cfg: Config, new_tokens: int, device):
     """A LongTensor [B, T] or a list of token-id lists (left padded) -> ids, valid [B, T]; checks that
     prompt + new_tokens fits the context."""
-    ids, valid = (prompts, torch.ones_like(prompts, dtype=torch.bool)) if torch.is_tensor(prompts) \
-        else left_pad(prompts, cfg.pad_token_id, device)
+    if torch.is_tensor(prompts):
+        ids, valid = prompts.to(device), torch.ones(prompts.shape, dtype=torch.bool, device=device)
+    else:
+        ids, valid = left_pad(prompts, cfg.pad_token_id, device)
     if ids.shape[1] + new_tokens > cfg.max_position_embeddings:
         raise DiffusionGemmaError(f"prompt of {ids.shape[1]} tokens + {new_tokens} new tokens exceeds the context "
                                   f"of {cfg.max_position_embeddings}; shorten the prompt or lower max_new_tokens")
@@ -1447,8 +1443,7 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
     for block in range(n_blocks):
         if block > 0:
             commit(out[-1])  # the encoder over the previous block, at its own positions, into the cache
-        canvas, argmax, sc, history, done, n = denoise_block(model, denoise, gen, generator, finished, forwards,
-                                                             on_step, block, fast)
+        argmax, n = denoise_block(model, denoise, gen, generator, finished, forwards, on_step, block, fast)
         steps.append(n)
         tokens, stopped = truncate_after_stop(argmax, stop_ids, gen.pad_token_id)
         tokens = tokens.masked_fill(finished[:, None], gen.pad_token_id)  # rows that finished in an earlier block
@@ -1465,8 +1460,8 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
 
 def denoise_block(model, denoise, gen, generator, finished, forwards, on_step=None, block=0, fast=None):
     """Denoises one canvas; denoise(canvas, sc_logits) -> logits is the model's pass against the cache.
-    Rows that stop (or finished earlier) are frozen and never change the others.
-    Returns (canvas, argmax, sc_logits, history, done, steps run)."""
+    Rows that stop are frozen and never change the others; rows that finished in an earlier block are still
+    denoised (generate pads their output) but not counted in `forwards`. Returns (argmax, steps run)."""
     cfg, device, dtype = model.cfg, finished.device, model.embed_tokens.weight.dtype
     B, C, V = finished.shape[0], cfg.canvas_length, cfg.vocab_size
     N = gen.max_denoising_steps
@@ -1502,14 +1497,14 @@ def denoise_block(model, denoise, gen, generator, finished, forwards, on_step=No
             on_step(block, step, canvas, argmax)
         if stopping and done.all():
             break
-    return canvas, argmax, sc, history, done, n
+    return argmax, n
 
 
 @torch.no_grad()
 def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id=(1, 106, 50), pad_token_id=0,
-                temperature=0.0, generator=None, fast=None):
+                fast=None):
     """Autoregressive baseline on the same weights: the encoder's next-token logits (final norm,
-    tied head, softcap) and the KV cache, one token per forward. Greedy unless temperature > 0.
+    tied head, softcap) and the KV cache, one token per forward, greedy.
     fast: a FastPath to run the passes on; None runs the plain path."""
     cfg, device = model.cfg, model.embed_tokens.weight.device
     ids, valid = batch_prompts(prompts, cfg, max_new_tokens, device)
@@ -1532,11 +1527,7 @@ def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id
     out = []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
-        if temperature > 0:
-            nxt = sample_categorical(F.softmax(logits / temperature, -1), generator)
-        else:
-            nxt = logits.argmax(-1)
-        nxt = nxt.masked_fill(finished, pad_token_id)
+        nxt = logits.argmax(-1).masked_fill(finished, pad_token_id)
         out.append(nxt)
         finished |= torch.isin(nxt, stop_ids)
         if (i + 1) % check_every == 0 and finished.all():
