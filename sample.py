@@ -125,10 +125,10 @@ def median(xs):
     return xs[len(xs) // 2] if xs else float("nan")
 
 
-def benchmark(args, model, run, fast, device):
+def benchmark(args, model, run, fast, device, T):
     """Times `run` (one generate / generate_ar call) --repeat times after a warm-up that records the CUDA
     graphs, and prints a table: median ms per pass, its weight bytes and the floor (those bytes at the
-    card's copy bandwidth), then tok/s and peak memory."""
+    card's copy bandwidth), then tok/s and peak memory. T: the prompt's length."""
     cfg, B = model.cfg, args.batch
     run()  # warm-up: records the graphs
     fast.timings()
@@ -137,8 +137,7 @@ def benchmark(args, model, run, fast, device):
     times = fast.timings()
     peak, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
     bw = copy_bandwidth(device)
-    T = args.prompt_len
-    passes = {"prefill": (T, False), "denoise": (B * cfg.canvas_length, True),
+    passes = {"prefill": (B * T, False), "denoise": (B * cfg.canvas_length, True),
               "commit": (B * cfg.canvas_length, False), "ar": (B, True)}
     print(f"benchmark: {torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | "
           f"weights {weight_bytes_per_pass(model, 10**9) / 1e9:.1f} GB | batch {B} | prompt {T} | "
@@ -198,6 +197,8 @@ def main(argv=None):
     if args.batch < 1:
         raise dg.DiffusionGemmaError(f"--batch must be >= 1 (got {args.batch}); "
                                      f"it is the number of prompts run together")
+    if args.repeat < 1:
+        raise dg.DiffusionGemmaError(f"--repeat must be >= 1 (got {args.repeat}); it is the number of timed runs")
     if args.prompt_file and not os.path.isfile(args.prompt_file):
         raise dg.DiffusionGemmaError(f"prompt file {args.prompt_file!r} does not exist; give the path of a text file")
     model, ckpt, device = load(args)
@@ -211,7 +212,10 @@ def main(argv=None):
         import train_sudoku as sudoku
     if args.attempts is not None and sudoku is None:
         raise dg.DiffusionGemmaError("--attempts is for Sudoku checkpoints (a rule check picks among the chains)")
-    prompt_text = open(args.prompt_file).read() if args.prompt_file else args.prompt
+    prompt_text = args.prompt
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8-sig") as f:
+            prompt_text = f.read()
     attempts = 1
 
     # the prompt's token ids, and how to show tokens as text
@@ -222,7 +226,8 @@ def main(argv=None):
         tok = dg.Tokenizer.from_pretrained(ckpt)
         fmt = sudoku.read_meta(ckpt)["format"]
         try:
-            puzzle = sudoku.parse_puzzle(prompt_text or sudoku.EXAMPLE_PUZZLE)
+            puzzle = sudoku.parse_puzzle(sudoku.EXAMPLE_PUZZLE if prompt_text is None else prompt_text)
+            sudoku.grade(puzzle)  # a puzzle whose clues admit no solution fails here
         except ValueError as e:
             raise dg.DiffusionGemmaError(f"the prompt is not a Sudoku puzzle for this checkpoint: {e}") from None
         ids = sudoku.prompt_ids(tok, puzzle, fmt)
@@ -245,10 +250,12 @@ def main(argv=None):
     use_fast = args.fast if args.fast is not None else device.startswith("cuda")
     if args.autotune and not args.compile_layers:
         raise dg.DiffusionGemmaError("--autotune tunes the compiled layers; add --compile-layers")
+    fix = "drop --no-fast" if args.fast is False else "add --fast (or use a CUDA device)"
     if args.compile_layers and not use_fast:
-        raise dg.DiffusionGemmaError("--compile-layers works on the fast path; add --fast (or use a CUDA device)")
+        raise dg.DiffusionGemmaError(f"--compile-layers works on the fast path; {fix}")
     if args.benchmark and not (use_fast and device.startswith("cuda")):
-        raise dg.DiffusionGemmaError("--benchmark times the fast path on a CUDA device; use --device cuda")
+        raise dg.DiffusionGemmaError("--benchmark times the fast path on a CUDA device; "
+                                     + ("drop --no-fast" if args.fast is False else "use --device cuda"))
     if args.fp8:
         model.experts_to_fp8()
     fast = None
@@ -267,7 +274,7 @@ def main(argv=None):
         return dg.generate(model, prompts, gen, generator=g, on_step=on_step, fast=fast)
 
     if args.benchmark:
-        return benchmark(args, model, run, fast, device)
+        return benchmark(args, model, run, fast, device, len(ids))
     res = run()
 
     # the result (of a Sudoku: the chain the rule check picks), then one stats line
@@ -295,7 +302,8 @@ def main(argv=None):
     if device.startswith("cuda"):
         B, C = args.batch, cfg.canvas_length
         if args.mode == "diffusion":
-            moved = weight_bytes_per_pass(model, B * C) * (sum(res.steps) + len(res.steps) - 1)
+            moved = (weight_bytes_per_pass(model, B * C) * sum(res.steps)                      # denoise passes
+                     + weight_bytes_per_pass(model, B * C, head=False) * (len(res.steps) - 1))  # commits
         else:
             moved = weight_bytes_per_pass(model, B) * res.forwards[0]
         stats.append(f"weight bandwidth {moved / decode_s / 1e9:.0f} GB/s")

@@ -958,6 +958,8 @@ def assert_one_error_line(r, message):
     (["--prompt", "hi", "--autotune"], "add --compile-layers"),
     (["--prompt", "hi", "--fast", "--compile-layers"], "compiled layers need bf16 weights"),
     (["--prompt", "hi", "--batch", "0"], "--batch must be >= 1"),
+    (["--prompt", "hi", "--repeat", "0"], "--repeat must be >= 1"),
+    (["--prompt", "hi", "--no-fast", "--compile-layers"], "drop --no-fast"),
     (["--prompt-file", "/no/such/prompt.txt"], "prompt file '/no/such/prompt.txt' does not exist"),
 ])
 def test_sample_py_bad_input(text_ckpt, args, message):
@@ -1396,6 +1398,7 @@ def test_eval_only_and_sample_py_on_the_trained_checkpoint(sudoku_run, tmp_path)
     (EASY[:80], "line 1: puzzle has 80 cells"),
     (EASY[:3] + "x" + EASY[4:], "bad character 'x'"),
     ("55" + "0" * 79, "contradictory clues"),
+    ("12345678." + "........9" + "." * 63, "has no solution"),  # the last cell of row 1 can hold nothing
 ])
 def test_eval_only_and_sample_reject_malformed_puzzles(sudoku_run, tmp_path, line, message):
     root, _ = sudoku_run

@@ -611,7 +611,7 @@ def training_puzzles(n, seed, cache_dir, workers=None):
     return rows
 
 
-def make_test_sets(folder, n=1000, seed=10_000):
+def make_test_sets(folder, n=1000, seed=10_000, workers=None):
     """Fresh held-out puzzles, one file per bucket (puzzle<TAB>solution<TAB>clues<TAB>grade per line):
     singles (30-clue puzzles that naked + hidden singles solve), harder (puzzles that need more than
     singles), minimal (17-24 clues: minimal puzzles, the hardest a random generator makes), and the
@@ -620,7 +620,7 @@ def make_test_sets(folder, n=1000, seed=10_000):
     buckets = {"singles": [], "harder": [], "minimal": []}
     s = seed
     while min(len(b) for b in buckets.values()) < n:
-        for row in generate_many([(4 * n, 30, s), (2 * n, None, s + 1)]):
+        for row in generate_many([(4 * n, 30, s), (2 * n, None, s + 1)], workers):
             if row["clues"] == 30 and row["grade"] == "singles":
                 buckets["singles"].append(row)
             if row["grade"] != "singles":
@@ -695,7 +695,7 @@ def board(tok, tokens, fmt="compact"):
 
 
 def format_grid(grid, puzzle=None):
-    """A 9x9 grid with box separators; clues in bold, wrong cells (given a puzzle) marked."""
+    """A 9x9 grid with box separators; the puzzle's clues in bold when stdout is a terminal."""
     if grid is None:
         return "(no grid: the output has fewer than 81 digits)"
     bold = sys.stdout.isatty()
@@ -883,16 +883,22 @@ def setup_distributed(device_arg):
     return rank, world, "cpu"
 
 
+def read_tokenizer(folder):
+    """The text of a checkpoint folder's tokenizer.json, or one clear error."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise dg.DiffusionGemmaError(f"{folder!r} has no tokenizer.json; give a checkpoint folder that has one")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def build_model(args, device):
     """(model, tokenizer json, format): a fresh small preset, or a Hugging Face checkpoint to fine-tune
     (a Sudoku checkpoint keeps its own format, so a run can start from the bundled model)."""
     if args.init_from:
         model = dg.DiffusionGemma.from_pretrained(args.init_from, device=device, dtype=torch.float32)
-        tok_path = os.path.join(args.init_from, "tokenizer.json")
-        if not os.path.isfile(tok_path):
-            raise dg.DiffusionGemmaError(f"{args.init_from!r} has no tokenizer.json; --init-from needs one")
         is_sudoku = os.path.isfile(os.path.join(args.init_from, "sudoku.json"))
-        return model, open(tok_path).read(), read_meta(args.init_from)["format"] if is_sudoku else "chat"
+        return model, read_tokenizer(args.init_from), read_meta(args.init_from)["format"] if is_sudoku else "chat"
     cfg = dg.Config.preset(args.preset)
     torch.manual_seed(args.seed)
     model = dg.DiffusionGemma(cfg).init_weights(std=0.02).to(device)
@@ -907,12 +913,13 @@ def has_cpp_compiler():
 FINISH_SECONDS = 30  # kept for the final validation solve and the save when --max-minutes shrinks a run
 
 
-def smallest_over_processes(n: int, device) -> int:
-    """min(n) over the processes of a data-parallel run (n itself in a single process)."""
+def over_processes(n: int, device, op="min") -> int:
+    """min(n) or max(n) over the processes of a data-parallel run (n itself in a single process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return n
     t = torch.tensor([n], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    ops = {"min": torch.distributed.ReduceOp.MIN, "max": torch.distributed.ReduceOp.MAX}
+    torch.distributed.all_reduce(t, op=ops[op])
     return int(t.item())
 
 
@@ -933,7 +940,7 @@ def train(args):
         vars(args).update({**state["args"], **keep})  # the run's own settings and schedule
         args.steps = state["total_steps"]
         model = dg.DiffusionGemma.from_pretrained(args.resume, device=device, dtype=torch.float32)
-        tok_json, fmt = open(os.path.join(args.resume, "tokenizer.json")).read(), read_meta(args.resume)["format"]
+        tok_json, fmt = read_tokenizer(args.resume), read_meta(args.resume)["format"]
     else:
         model, tok_json, fmt = build_model(args, device)
     if args.batch_size % world:
@@ -955,14 +962,17 @@ def train(args):
             raise dg.DiffusionGemmaError(f"--grades {','.join(args.grades)}: none of the {args.train_puzzles} "
                                          f"training puzzles has these grades; raise --train-puzzles")
     train_rows, val_rows, _ = split_by_solution(rows, (0.99, 0.01, 0.0), seed=args.seed)
+    if not train_rows:
+        raise dg.DiffusionGemmaError(f"no training puzzles left after the validation split ({len(rows)} puzzles); "
+                                     f"raise --train-puzzles")
     batches = Batches(train_rows, tok, fmt, cfg.canvas_length, args.batch_size // world, args.seed, device, rank)
     val_rows = val_rows[:args.eval_puzzles]
 
     objective = Objective(model, args.sc_prob, args.ar_weight)
     if world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
                             fused=torch.device(device).type == "cuda")
@@ -1017,7 +1027,7 @@ def train(args):
                         log(f"--max-minutes {args.max_minutes:g}: at {per_step * 1e3:.0f} ms/step, {args.steps} steps "
                             f"would not end in time -> {fits} steps")
                         args.steps = fits
-                args.steps = smallest_over_processes(args.steps, device)  # every process runs the same steps
+                args.steps = over_processes(args.steps, device)  # every process runs the same steps
         if step % args.log_every == 0 or step == args.steps:
             now = time.time()
             rate = (step - step_last) / (now - t_last)
@@ -1037,7 +1047,10 @@ def train(args):
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             checkpoint(args.out)
         out_of_time = args.stop_after_minutes is not None and time.time() - t_start >= 60 * args.stop_after_minutes
-        if interrupted or step == args.stop_after or out_of_time:
+        # every process stops at the same step (a clock or a Ctrl-C may reach one first): a process that went on
+        # alone would wait forever for the others in its next gradient all-reduce
+        stop = over_processes(int(bool(interrupted) or out_of_time), device, "max")
+        if stop or step == args.stop_after:
             checkpoint(args.out)
             log(f"stopped: saved step {step} to {args.out}; continue with --resume {args.out}")
             return model
@@ -1201,16 +1214,32 @@ def read_puzzle_file(path):
     if not os.path.isfile(path):
         raise dg.DiffusionGemmaError(f"puzzle file {path!r} does not exist")
     puzzles = []
-    for i, line in enumerate(open(path), 1):
-        if not line.strip():
-            continue
-        try:
-            puzzles.append(parse_puzzle(line))
-        except ValueError as e:
-            raise dg.DiffusionGemmaError(f"{path} line {i}: {e}")
+    with open(path, encoding="utf-8-sig") as f:  # (-sig: a byte-order mark is not a cell)
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                puzzles.append(parse_puzzle(line))
+            except ValueError as e:
+                raise dg.DiffusionGemmaError(f"{path} line {i}: {e}") from None
     if not puzzles:
         raise dg.DiffusionGemmaError(f"{path} holds no puzzles")
     return puzzles
+
+
+def grade_file(path, puzzles):
+    """The grade of each puzzle of a file, or one clear error naming a puzzle whose clues admit no solution
+    (they contradict each other through the grid, not inside one row, column or box)."""
+    try:
+        return _batch_grade(puzzles)
+    except ValueError:
+        for i, p in enumerate(puzzles, 1):
+            try:
+                grade(p)
+            except ValueError:
+                raise dg.DiffusionGemmaError(f"{path} puzzle {i} ({p}) has no solution: its clues contradict each "
+                                             f"other; fix it or drop it") from None
+        raise
 
 
 def eval_only(args):
@@ -1223,6 +1252,7 @@ def eval_only(args):
     attempts = read_attempts(args.attempts, ckpt)
     step_limits = args.max_steps or [dg.GenerationConfig.from_pretrained(ckpt).max_denoising_steps]
     files = {path: read_puzzle_file(path) for path in args.puzzles}
+    grades = {path: grade_file(path, puzzles) for path, puzzles in files.items()}  # bad puzzles fail here, early
     model = dg.DiffusionGemma.from_pretrained(ckpt, device=device,
                                               dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if device.startswith("cuda"):
@@ -1230,19 +1260,18 @@ def eval_only(args):
     tok, fmt = dg.Tokenizer.from_pretrained(ckpt), read_meta(ckpt)["format"]
     summary, records = [], []
     for path, puzzles in files.items():
-        grades = _batch_grade(puzzles)
         for max_steps in step_limits:
             print(f"\n{len(puzzles)} puzzles from {path}; checkpoint {ckpt}; max {max_steps} steps; {device}")
             res = evaluate(model, tok, fmt, puzzles, max_steps=max_steps, batch_size=args.eval_batch, seed=args.seed,
                            attempts=attempts, checkpoint=ckpt)
-            report(res, grades)
+            report(res, grades[path])
             lo, hi = wilson(res["solved"], res["n"])
             summary.append((os.path.basename(path), max_steps, res["solved"], first_chain_solved(res["records"]),
                             res["n"], lo, hi, res["mean_steps"]))
             if max_steps == step_limits[0]:
                 records += [dict(puzzle=r["puzzle"], output=r["output"], steps=r["steps"], solved=r["solved"],
                                  attempt=r["attempt"], valid_chains=r["valid_chains"], grade=gr)
-                            for r, gr in zip(res["records"], grades)]
+                            for r, gr in zip(res["records"], grades[path])]
     if len(summary) > 1:
         print("\n| puzzles | chains | max steps | solved | 95% interval | mean steps |\n|---|---|---|---|---|---|")
         for name, steps, k, k0, n, lo, hi, mean in summary:
@@ -1263,7 +1292,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sudoku-small",
                    help=f"model preset to train from scratch: {', '.join(dg.PRESETS)}")
-    p.add_argument("--init-from", help="fine-tune this Hugging Face DiffusionGemma checkpoint (chat format)")
+    p.add_argument("--init-from", help="fine-tune this Hugging Face DiffusionGemma checkpoint "
+                                          "(chat format; a Sudoku checkpoint keeps its own)")
     p.add_argument("--resume", help="continue a run from a checkpoint it saved (exactly where it stopped)")
     p.add_argument("--out", help="training: the checkpoint folder (default runs/sudoku); --eval-only: a JSONL "
                                  "file of per-puzzle results")
@@ -1276,7 +1306,7 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=int, help="save and stop after this many steps, as Ctrl-C would")
     p.add_argument("--stop-after-minutes", type=float,
                    help="save and stop after this much wall time (for time-limited jobs; continue with --resume)")
-    p.add_argument("--time-budget", type=float, help="minutes: size --steps from the speed of the first 20 steps")
+    p.add_argument("--time-budget", type=float, help="minutes: size --steps from the speed of steps 10-30")
     p.add_argument("--batch-size", type=int, default=16, help="puzzles per step (over all GPUs)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=50, help="warmup steps")
@@ -1359,7 +1389,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     if args.make_test_sets:
-        return make_test_sets(args.make_test_sets)
+        return make_test_sets(args.make_test_sets, workers=args.workers)
     if args.eval_only:
         return eval_only(args)
     return train(args)
