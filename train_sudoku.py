@@ -923,26 +923,72 @@ def over_processes(n: int, device, op="min") -> int:
     return int(t.item())
 
 
+def load_run(args, device):
+    """(model, tokenizer json, format, saved state or None): the run that --resume names (its settings
+    replace args', except this call's own), or a new one (build_model)."""
+    if not args.resume:
+        return *build_model(args, device), None
+    state_path = os.path.join(args.resume, "train_state.pt")
+    if not os.path.isfile(state_path):
+        raise dg.DiffusionGemmaError(f"{args.resume!r} has no train_state.pt; resume from a folder that "
+                                     f"train_sudoku.py saved during training")
+    state = torch.load(state_path, weights_only=False, map_location="cpu")
+    keep = {k: getattr(args, k) for k in ("out", "device", "resume", "stop_after", "stop_after_minutes",
+                                          "export", "workers", "compile")}  # this call's, not the run's
+    vars(args).update({**state["args"], **keep})  # the run's own settings and schedule
+    args.steps = state["total_steps"]
+    model = dg.DiffusionGemma.from_pretrained(args.resume, device=device, dtype=torch.float32)
+    return model, read_tokenizer(args.resume), read_meta(args.resume)["format"], state
+
+
+def training_rows(args):
+    """(train rows, validation rows): the generated puzzles of --grades, split by solution grid."""
+    rows = training_puzzles(args.train_puzzles, args.seed, args.data_dir, args.workers)
+    if args.grades:  # e.g. a fine-tuning stage on the puzzles that need more than singles
+        rows = [r for r in rows if r["grade"] in args.grades]
+        if not rows:
+            raise dg.DiffusionGemmaError(f"--grades {','.join(args.grades)}: none of the {args.train_puzzles} "
+                                         f"training puzzles has these grades; raise --train-puzzles")
+    train_rows, val_rows, _ = split_by_solution(rows, (0.99, 0.01, 0.0), seed=args.seed)
+    if not train_rows:
+        raise dg.DiffusionGemmaError(f"no training puzzles left after the validation split ({len(rows)} puzzles); "
+                                     f"raise --train-puzzles")
+    return train_rows, val_rows[:args.eval_puzzles]
+
+
+def make_optimizer(model, args, device):
+    """AdamW, with weight decay on the matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                             fused=torch.device(device).type == "cuda")
+
+
+def fitted_steps(args, per_step, started, t_start, log):
+    """The step count that ends the run in time at per_step seconds a step, measured over steps 10-30:
+    within --time-budget minutes of the training's start (t_start), and no later than --max-minutes after the
+    run's start (started), keeping FINISH_SECONDS for the end."""
+    steps = args.steps
+    if args.time_budget:
+        steps = max(40, int((args.time_budget * 60 - (time.time() - t_start)) / per_step) + 30)
+        log(f"time budget {args.time_budget} min at {per_step * 1e3:.0f} ms/step -> {steps} steps")
+    if args.max_minutes:
+        left = started + 60 * args.max_minutes - FINISH_SECONDS - time.time()
+        fits = max(31, 30 + int(left / per_step))
+        if fits < steps:
+            log(f"--max-minutes {args.max_minutes:g}: at {per_step * 1e3:.0f} ms/step, {steps} steps "
+                f"would not end in time -> {fits} steps")
+            steps = fits
+    return steps
+
+
 def train(args):
     started = time.time()  # --max-minutes counts from here: data, compiling, training, the last solve
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
-    state = None
-    if args.resume:
-        state_path = os.path.join(args.resume, "train_state.pt")
-        if not os.path.isfile(state_path):
-            raise dg.DiffusionGemmaError(f"{args.resume!r} has no train_state.pt; resume from a folder that "
-                                         f"train_sudoku.py saved during training")
-        state = torch.load(state_path, weights_only=False, map_location="cpu")
-        keep = {k: getattr(args, k) for k in ("out", "device", "resume", "stop_after", "stop_after_minutes",
-                                              "export", "workers", "compile")}  # this call's, not the run's
-        vars(args).update({**state["args"], **keep})  # the run's own settings and schedule
-        args.steps = state["total_steps"]
-        model = dg.DiffusionGemma.from_pretrained(args.resume, device=device, dtype=torch.float32)
-        tok_json, fmt = read_tokenizer(args.resume), read_meta(args.resume)["format"]
-    else:
-        model, tok_json, fmt = build_model(args, device)
+    model, tok_json, fmt, state = load_run(args, device)
     if args.batch_size % world:
         raise dg.DiffusionGemmaError(f"--batch-size {args.batch_size} does not split over {world} processes; "
                                      f"give a multiple of {world}")
@@ -955,32 +1001,17 @@ def train(args):
     model.train()
     cfg = model.cfg
 
-    rows = training_puzzles(args.train_puzzles, args.seed, args.data_dir, args.workers)
-    if args.grades:  # e.g. a fine-tuning stage on the puzzles that need more than singles
-        rows = [r for r in rows if r["grade"] in args.grades]
-        if not rows:
-            raise dg.DiffusionGemmaError(f"--grades {','.join(args.grades)}: none of the {args.train_puzzles} "
-                                         f"training puzzles has these grades; raise --train-puzzles")
-    train_rows, val_rows, _ = split_by_solution(rows, (0.99, 0.01, 0.0), seed=args.seed)
-    if not train_rows:
-        raise dg.DiffusionGemmaError(f"no training puzzles left after the validation split ({len(rows)} puzzles); "
-                                     f"raise --train-puzzles")
+    train_rows, val_rows = training_rows(args)
     batches = Batches(train_rows, tok, fmt, cfg.canvas_length, args.batch_size // world, args.seed, device, rank)
-    val_rows = val_rows[:args.eval_puzzles]
-
     objective = Objective(model, args.sc_prob, args.ar_weight)
     if world > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                            fused=torch.device(device).type == "cuda")
+    opt = make_optimizer(model, args, device)
     step = 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
     gen_cfg, meta = side_files(args.resume or args.init_from, cfg, fmt)
 
     def checkpoint(path, final=False):
@@ -998,8 +1029,7 @@ def train(args):
         f"{len(train_rows)} training puzzles, batch {args.batch_size}, device {device} x{world}")
     tokens_per_step = args.batch_size * (batches.get(0)[0].shape[1] + 3 * cfg.canvas_length)
     t_start, t_last, step_last = time.time(), time.time(), step
-    budget_s = args.time_budget * 60 if args.time_budget else None
-    pace = state is None and (budget_s or args.max_minutes)  # measure steps 10-30 to size the schedule
+    pace = state is None and (args.time_budget or args.max_minutes)  # measure steps 10-30 to size the schedule
     while step < args.steps:
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for group in opt.param_groups:
@@ -1012,22 +1042,11 @@ def train(args):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
         step += 1
-        if pace and step in (10, 30):  # fit the schedule to the time budget or ceiling, once
-            if step == 10:
-                t10 = time.time()
-            else:  # steps 10-30 (past the warm-up of kernels and allocator) set the pace
-                per_step = (time.time() - t10) / 20
-                if budget_s:
-                    args.steps = max(40, int((budget_s - (time.time() - t_start)) / per_step) + 30)
-                    log(f"time budget {args.time_budget} min at {per_step * 1e3:.0f} ms/step -> {args.steps} steps")
-                if args.max_minutes:
-                    left = started + 60 * args.max_minutes - FINISH_SECONDS - time.time()
-                    fits = max(31, 30 + int(left / per_step))
-                    if fits < args.steps:
-                        log(f"--max-minutes {args.max_minutes:g}: at {per_step * 1e3:.0f} ms/step, {args.steps} steps "
-                            f"would not end in time -> {fits} steps")
-                        args.steps = fits
-                args.steps = over_processes(args.steps, device)  # every process runs the same steps
+        if pace and step == 10:
+            t10 = time.time()
+        if pace and step == 30:  # steps 10-30 (past the warm-up of kernels and allocator) set the pace, once
+            args.steps = fitted_steps(args, (time.time() - t10) / 20, started, t_start, log)
+            args.steps = over_processes(args.steps, device)  # every process runs the same steps
         if step % args.log_every == 0 or step == args.steps:
             now = time.time()
             rate = (step - step_last) / (now - t_last)
