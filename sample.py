@@ -306,7 +306,7 @@ def main(argv=None):
                      + weight_bytes_per_pass(model, B * C, head=False) * (len(res.steps) - 1))  # commits
         else:
             moved = weight_bytes_per_pass(model, B) * res.forwards[0]
-        stats.append(f"weight bandwidth {moved / decode_s / 1e9:.0f} GB/s")
+        stats.append(f"weight bandwidth {moved / decode_s / 1e9:.3g} GB/s")
     print(" | ".join(stats))
 
 
