@@ -1406,6 +1406,7 @@ def test_eval_only_and_sample_reject_malformed_puzzles(sudoku_run, tmp_path, lin
     f.write_text(line + "\n")
     r = run_train_sudoku("--eval-only", "--checkpoint", str(root / "full"), "--puzzles", str(f), "--device", "cpu")
     assert_one_error_line(r, message)
+    assert str(f) in r.stderr  # the error names the file
     s = run_sample("--checkpoint", str(root / "full"), "--prompt", line, "--device", "cpu")  # the same, as a prompt
     assert_one_error_line(s, message.removeprefix("line 1: "))
 
