@@ -373,6 +373,8 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28):
     if torch.is_grad_enabled() or (R > 2048 and D <= 256) or heads_per_product == 0:
         bias = bias[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, R, S)  # SDPA wants a mask row per query row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    if R > 2048:  # a prefill chunk: its key count grows chunk by chunk, and the compiled softmax would recompile
+        softmax = masked_softmax
     k, v = k.flatten(0, 1), v.flatten(0, 1)
     out = []
     for qs in q.split(heads_per_product * T, dim=2):  # [B, kv, g*T, D]: g whole query heads
@@ -567,7 +569,8 @@ def sort_pairs(expert, E: int):
     expert [P] (pair j = token j // k, slot j % k) -> order [P] (the pair at each sorted row), inverse [P] (the
     sorted row of each pair) and offsets [E] int32 (the end row of each expert's group, for grouped_mm).
     Compiled, it is a few Triton kernels: 7.8 us at 256 tokens on an H100, where sorting the keys (aten's radix
-    sort, then searchsorted and a scatter) took 23.2 us. Run eagerly (the prefill) it is the slower one."""
+    sort, then searchsorted and a scatter) took 23.2 us. Run eagerly (an uncompiled prefill chunk) it is the slower
+    one at 2,048 tokens (236 against 149 us)."""
     P = expert.shape[0]
     hot = expert[None, :] == torch.arange(E, device=expert.device)[:, None]   # [E, P]: pair j chose expert e
     counts = hot.sum(1)                                                       # [E]
@@ -695,7 +698,7 @@ class StaticKVCache:
       * full layers: S = capacity slots; position p lives in slot p;
       * sliding layers: a ring of S >= window - 1 + canvas slots; position p lives in slot p % S;
       * after the S slots, a tail of `canvas` slots where a pass puts its own keys/values (keys_values);
-        a longer pass (a prefill chunk, eager) reads only the full layers' written slots (read_slots).
+        a longer pass (a prefill chunk) reads only the full layers' written slots (read_slots).
     Per slot, `pos` holds the position written there (EMPTY before any) and `valid` whether it is a real
     token; visible() turns them into what KVCache.visible() returns, as a mask over all the slots. The length
     is a device tensor that passes read and only advance() moves, so a recorded pass can be replayed."""
@@ -756,7 +759,7 @@ class StaticKVCache:
 
     def read_slots(self, kind, T):
         """How many of a layer's cache slots a pass of T tokens reads: all of them, so that the recorded passes
-        keep their shapes, except in a pass longer than the tail (a prefill chunk, always eager): there the
+        keep their shapes, except in a pass longer than the tail (a prefill chunk, never recorded): there the
         full layers read only the slots written so far (position p lives in slot p), so a 4k prompt in a 32k
         cache attends to at most 4k keys, not 32k."""
         S = self.slots[kind]
@@ -1557,17 +1560,17 @@ class FastPath:
       * a StaticKVCache, so a pass over a fixed number of tokens (denoise a canvas, commit a block, one
         autoregressive token) has fixed shapes and addresses: on CUDA each is recorded once as a CUDA
         graph and replayed, with no Python and no launch overhead (a pass is ~2,000 kernels, which take
-        longer to launch one by one than to run). The prompt's prefill runs eagerly, prefill_chunk
-        tokens at a time;
+        longer to launch one by one than to run). The prompt's prefill runs prefill_chunk tokens at a
+        time, not recorded;
       * the 262k-vocabulary head and self-conditioning product vocab_chunk rows at a time, the sampler
         sampler_rows positions at a time: fp32 temporaries stay a few [chunk or rows, V].
     The modules and the math are the plain path's; tests check that both give the same tokens. Build it
     once the model has its final device and dtype: the recorded graphs hold the weights' addresses.
     compile_sampler (CUDA): sampler_math_shared compiled, three passes over the logits (same random draws;
     roundings may differ in the last bit). compile_layers (bf16 weights):
-    model.compile_layers(autotune), so that the recorded passes replay fused kernels (README.md has the
-    H100 figures at the 26B shape); the prefill stays eager (compiling its chunk shape would cost more
-    than it saves once). timing: time every pass with CUDA events."""
+    model.compile_layers(autotune), so that the recorded passes replay fused kernels, and the prefill's full
+    chunks run them too (README.md has the figures at the 26B shape). timing: time every pass with CUDA
+    events."""
 
     def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=2048, vocab_chunk=32768,
                  sampler_rows=None, compile_sampler=False, compile_layers=False, autotune=False, timing=False):
@@ -1609,11 +1612,18 @@ class FastPath:
         self.cache.reset()
 
     def prefill(self, ids, valid):
-        """The encoder over the prompt, eagerly. Returns the last chunk's final hidden states."""
-        eager = torch.compiler.set_stance("force_eager") if self.compiled_layers else contextlib.nullcontext()
-        with self._timed("prefill"), eager:
-            for a in range(0, ids.shape[1], self.prefill_chunk):
-                h = self.model.encode(ids[:, a:a + self.prefill_chunk], self.cache, valid[:, a:a + self.prefill_chunk])
+        """The encoder over the prompt ids [B, T], prefill_chunk tokens at a time. The first chunk takes the
+        remainder (T % prefill_chunk), so every later one has the same length: with compiled layers those run
+        compiled (one more shape to compile, once; a 4k prefill took 122 against 190 ms eager on an H200,
+        README.md) and the remainder runs eagerly, so that no prompt length adds a compile.
+        Returns the last chunk's final hidden states."""
+        T, n = ids.shape[1], self.prefill_chunk
+        starts = ([0] if T % n else []) + list(range(T % n, T, n))
+        with self._timed("prefill"):
+            for a, b in zip(starts, starts[1:] + [T]):
+                eager = self.compiled_layers and b - a != n
+                with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+                    h = self.model.encode(ids[:, a:b], self.cache, valid[:, a:b])
         return h
 
     def denoise(self, canvas, sc_logits):

@@ -798,12 +798,13 @@ def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
 
 def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False):
     """fp32 logits of the fast path's passes on one small batch: a denoising step without and with
-    self-conditioning, then (after a commit) an AR token."""
+    self-conditioning, then (after a commit) an AR token. The 22-token prompt is prefilled as a 2-token
+    remainder (eager), then one chunk of 20, longer than the tail of 16 (compiled with compiled layers)."""
     g = torch.Generator().manual_seed(5)
     ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]], 0, device)
     canvas, block = torch.randint(0, 512, (2, 16), generator=g), torch.randint(3, 500, (2, 16), generator=g)
     model = DiffusionGemma.from_pretrained(ckpt, dtype=dtype, device=device)
-    fast = dg.FastPath(model, 2, capacity=64, compile_layers=compiled, autotune=autotune)
+    fast = dg.FastPath(model, 2, capacity=64, prefill_chunk=20, compile_layers=compiled, autotune=autotune)
     fast.start(2, ids.shape[1] + 33)
     with torch.no_grad():
         fast.prefill(ids, valid)
