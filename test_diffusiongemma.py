@@ -1011,6 +1011,7 @@ def test_parse_accepts_dots_zeros_and_comments():
     assert ts.parse_puzzle(dots) == EASY
     assert ts.parse_puzzle(f"  {dots}   # from Project Euler 96\n") == EASY
     assert ts.parse_puzzle(dots + "\tsolution follows 123") == EASY
+    assert ts.parse_puzzle(f"{EASY},{EASY}\r\n") == EASY  # a "puzzle,solution" CSV row
 
 
 @pytest.mark.parametrize("line, message", [
@@ -1375,7 +1376,8 @@ def test_data_parallel_training_resumes_exactly(sudoku_run, tmp_path):
 def test_eval_only_and_sample_py_on_the_trained_checkpoint(sudoku_run, tmp_path):
     root, log = sudoku_run
     puzzles = tmp_path / "p.txt"
-    puzzles.write_text(EASY.replace("0", ".") + "  # a comment\n\n" + HARD + "\n")
+    # a CSV header line (skipped), a comment after whitespace, a blank line, a CSV row
+    puzzles.write_text("quizzes,solutions\n" + EASY.replace("0", ".") + "  # a comment\n\n" + HARD + ",123\n")
     out = tmp_path / "r.jsonl"
     r = run_train_sudoku("--eval-only", "--checkpoint", str(root / "full"), "--puzzles", str(puzzles),
                          "--out", str(out), "--device", "cpu", "--max-steps", "4")

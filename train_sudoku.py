@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -87,9 +88,9 @@ START_CLUES = 40                                                           # ran
 # parsing and validation
 
 def _clean(line):
-    """Strip, keep the first whitespace-separated field, check length and alphabet; '.' -> '0'."""
-    fields = line.split(None, 1)
-    s = fields[0] if fields else ""
+    """Strip, keep the first field (up to whitespace or a comma: "puzzle,solution" CSV rows), check length and
+    alphabet; '.' -> '0'."""
+    s = re.split(r"[\s,]", line.strip(), maxsplit=1)[0]
     if len(s) != 81:
         raise ValueError(f"puzzle has {len(s)} cells, expected 81 (digits 1-9, '.' or '0' for blanks)")
     for i, ch in enumerate(s):
@@ -1229,13 +1230,14 @@ def report(res, grades):
 
 
 def read_puzzle_file(path):
-    """One puzzle per line (81 chars, '.' or '0' for blanks; anything after whitespace ignored)."""
+    """One puzzle per line (81 chars, '.' or '0' for blanks; anything after whitespace or a comma ignored).
+    A first line without digits is a CSV header ("quizzes,solutions", as in Kaggle's Sudoku sets) and skipped."""
     if not os.path.isfile(path):
         raise dg.DiffusionGemmaError(f"puzzle file {path!r} does not exist")
     puzzles = []
     with open(path, encoding="utf-8-sig") as f:  # (-sig: a byte-order mark is not a cell)
         for i, line in enumerate(f, 1):
-            if not line.strip():
+            if not line.strip() or (i == 1 and not any(ch.isdigit() for ch in line)):
                 continue
             try:
                 puzzles.append(parse_puzzle(line))
@@ -1353,7 +1355,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --puzzles and exit")
     p.add_argument("--checkpoint", help="checkpoint for --eval-only (default: the bundled one)")
-    p.add_argument("--puzzles", nargs="+", help="for --eval-only: files of puzzles, one per line")
+    p.add_argument("--puzzles", nargs="+", help="for --eval-only: files of puzzles, one per line (81 cells, "
+                        "'.' or '0' for blanks; anything after whitespace or a comma ignored)")
     p.add_argument("--max-steps", type=int, nargs="+",
                    help="for --eval-only: maximum denoising steps (several values: a solve-rate-vs-steps table; "
                         "default: the checkpoint's generation_config.json, else 48)")
