@@ -1014,6 +1014,14 @@ def test_parse_accepts_dots_zeros_and_comments():
     assert ts.parse_puzzle(f"{EASY},{EASY}\r\n") == EASY  # a "puzzle,solution" CSV row
 
 
+def test_puzzle_files_skip_only_a_header_line(tmp_path):
+    f = tmp_path / "p.csv"
+    f.write_text(f"puzzle,solution\n{EASY},{EASY}\n")
+    assert ts.read_puzzle_file(str(f)) == [EASY]
+    f.write_text("." * 81 + "\n" + EASY + "\n")  # no digits, but a (blank) grid: read, not skipped
+    assert ts.read_puzzle_file(str(f)) == ["0" * 81, EASY]
+
+
 @pytest.mark.parametrize("line, message", [
     (EASY[:80], "puzzle has 80 cells, expected 81"),
     (EASY + "1", "puzzle has 82 cells, expected 81"),

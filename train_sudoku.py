@@ -1231,13 +1231,15 @@ def report(res, grades):
 
 def read_puzzle_file(path):
     """One puzzle per line (81 chars, '.' or '0' for blanks; anything after whitespace or a comma ignored).
-    A first line without digits is a CSV header ("quizzes,solutions", as in Kaggle's Sudoku sets) and skipped."""
+    A first line of letters without digits is a CSV header ("quizzes,solutions", as in Kaggle's Sudoku sets) and
+    skipped."""
     if not os.path.isfile(path):
         raise dg.DiffusionGemmaError(f"puzzle file {path!r} does not exist")
     puzzles = []
     with open(path, encoding="utf-8-sig") as f:  # (-sig: a byte-order mark is not a cell)
         for i, line in enumerate(f, 1):
-            if not line.strip() or (i == 1 and not any(ch.isdigit() for ch in line)):
+            header = i == 1 and any(ch.isalpha() for ch in line) and not any(ch.isdigit() for ch in line)
+            if header or not line.strip():
                 continue
             try:
                 puzzles.append(parse_puzzle(line))
