@@ -355,6 +355,9 @@ def masked_softmax(scores, bias, dtype):
     return torch.softmax(scores.view(B, kv, R // T, T, S) + bias[:, :, None], dim=-1).to(dtype).view(B, kv, R, S)
 
 
+PREFILL_ROWS = 2048  # attend(): more query rows than this (G heads x T tokens) make a pass a prefill chunk
+
+
 def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28):
     """softmax(q k^T + bias) v per KV head, scale 1.0 (q and k are RMS-normalised per head):
     q [B, kv, R, D] (R = G*T query rows: G query heads of T tokens each), k, v [B, kv, S, D], bias [B, 1, T, S]
@@ -370,10 +373,11 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28):
     # the fused kernels: for training; for many query rows (a prefill chunk) where a flash kernel takes the
     # heads (head_dim <= 256; the 512-wide full layers get only the memory-efficient kernel, which took as long
     # as the matmuls over 4k keys and was slower over more, README.md); and beyond max_scores for one query head
-    if torch.is_grad_enabled() or (R > 2048 and D <= 256) or heads_per_product == 0:
+    long = R > PREFILL_ROWS
+    if torch.is_grad_enabled() or (long and D <= 256) or heads_per_product == 0:
         bias = bias[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, R, S)  # SDPA wants a mask row per query row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-    if R > 2048:  # a prefill chunk: its key count grows chunk by chunk, and the compiled softmax would recompile
+    if long:  # a prefill chunk: its key count grows chunk by chunk, and the compiled softmax would recompile
         softmax = masked_softmax
     k, v = k.flatten(0, 1), v.flatten(0, 1)
     out = []
@@ -1621,8 +1625,8 @@ class FastPath:
         starts = ([0] if T % n else []) + list(range(T % n, T, n))
         with self._timed("prefill"):
             for a, b in zip(starts, starts[1:] + [T]):
-                eager = self.compiled_layers and b - a != n
-                with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+                force_eager = self.compiled_layers and b - a != n  # the remainder chunk, with compiled layers
+                with torch.compiler.set_stance("force_eager") if force_eager else contextlib.nullcontext():
                     h = self.model.encode(ids[:, a:b], self.cache, valid[:, a:b])
         return h
 
