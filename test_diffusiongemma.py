@@ -796,34 +796,50 @@ def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
         assert keys.shape[2] == ids.shape[1] + 20 < fast.cache.capacity
 
 
-def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False):
-    """fp32 logits of the fast path's passes on one small batch: a denoising step without and with
-    self-conditioning, then (after a commit) an AR token. The 22-token prompt is prefilled as a 2-token
-    remainder (eager), then one chunk of 20, longer than the tail of 16 (compiled with compiled layers)."""
-    g = torch.Generator().manual_seed(5)
+def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False, seeds=range(6)):
+    """fp32 logits of the fast path's passes on one small batch, once per seed of the canvas, block and
+    self-conditioning inputs: a denoising step without and with self-conditioning, then (after a commit) an
+    AR token. Returns the three passes' logits, each stacked over the seeds. The 22-token prompt is prefilled
+    as a 2-token remainder (eager), then one chunk of 20, longer than the tail of 16 (compiled with compiled
+    layers). The self-conditioned step reads the same given logits in every variant, not the variant's own
+    first step, so that its error is the pass's own."""
     ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]], 0, device)
-    canvas, block = torch.randint(0, 512, (2, 16), generator=g), torch.randint(3, 500, (2, 16), generator=g)
     model = DiffusionGemma.from_pretrained(ckpt, dtype=dtype, device=device)
     fast = dg.FastPath(model, 2, capacity=64, prefill_chunk=20, compile_layers=compiled, autotune=autotune)
-    fast.start(2, ids.shape[1] + 33)
-    with torch.no_grad():
-        fast.prefill(ids, valid)
-        first = fast.denoise(canvas.to(device), None).float().cpu()
-        second = fast.denoise(canvas.to(device), first.to(device) / 0.7).float().cpu()
-        fast.commit(block.to(device))
-        ar = fast.ar_step(block[:, -1].to(device)).float().cpu()
-    return first, second, ar
+    runs = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        canvas, block = torch.randint(0, 512, (2, 16), generator=g), torch.randint(3, 500, (2, 16), generator=g)
+        sc_logits = torch.randn(2, 16, 512, generator=g) * 4  # a previous step's temperature-scaled logits
+        fast.start(2, ids.shape[1] + 33)
+        with torch.no_grad():
+            fast.prefill(ids, valid)
+            first = fast.denoise(canvas.to(device), None).float().cpu()
+            second = fast.denoise(canvas.to(device), sc_logits.to(device)).float().cpu()
+            fast.commit(block.to(device))
+            ar = fast.ar_step(block[:, -1].to(device)).float().cpu()
+        runs.append((first, second, ar))
+    return [torch.stack(outs) for outs in zip(*runs)]
+
+
+def token_err(a, b):
+    """The median over tokens of ||a_t - b_t|| / ||b_t|| (logits [..., V]). In bf16 a few tokens of a random
+    model pick other experts than in fp32, and their logits move by up to ~80%; which tokens, depends on
+    every rounding. The median reads the rounding error of the rest, which a wrong kernel would move for all."""
+    a, b = a.flatten(0, -2), b.flatten(0, -2)
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).median().item()
 
 
 def test_fast_path_with_compiled_layers_matches_eager(gentle_ckpt):
     """FastPath(compile_layers=True) computes what the eager fast path computes, for a denoising step (with
     and without self-conditioning), a commit and an AR token. The compiled experts need bf16, whose own
-    rounding moves this random model's logits by ~20% (bf16 eager against fp32 eager), so the check is that
-    the compiled bf16 logits are no further from fp32 than the eager bf16 ones (CPU inductor here)."""
+    rounding moves this random model's logits (bf16 eager against fp32 eager: ~3% for most tokens, up to
+    ~80% for a token whose experts change), so the check is that the compiled bf16 logits are no further
+    from fp32 than the eager bf16 ones, token by token (token_err; CPU inductor here)."""
     ref, eager = fast_path_passes(gentle_ckpt, torch.float32), fast_path_passes(gentle_ckpt, torch.bfloat16)
     compiled = fast_path_passes(gentle_ckpt, torch.bfloat16, compiled=True)
     for r, e, c in zip(ref, eager, compiled):
-        assert rel_err(c, r) < 1.25 * rel_err(e, r)
+        assert token_err(c, r) < 1.25 * token_err(e, r)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="max-autotune's Triton GEMM templates need a CUDA GPU")
@@ -835,7 +851,7 @@ def test_fast_path_autotuned_matches_eager_on_gpu(gentle_ckpt):
     eager = fast_path_passes(gentle_ckpt, torch.bfloat16, "cuda")
     tuned = fast_path_passes(gentle_ckpt, torch.bfloat16, "cuda", compiled=True, autotune=True)
     for r, e, t in zip(ref, eager, tuned):
-        assert rel_err(t, r) < 1.25 * rel_err(e, r)
+        assert token_err(t, r) < 1.25 * token_err(e, r)
 
 
 @pytest.mark.parametrize("settings", [
