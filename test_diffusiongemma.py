@@ -846,11 +846,13 @@ def test_fast_path_with_compiled_layers_matches_eager(gentle_ckpt):
 def test_fast_path_autotuned_matches_eager_on_gpu(gentle_ckpt):
     """The same with FastPath(compile_layers=True, autotune=True) on the GPU, CUDA graphs included: every
     compiled GEMM (projections, o_proj, experts, the head's chunks, the self-conditioning product) may run
-    as a Triton template."""
+    as a Triton template. The eager GPU passes are held to bf16's own rounding too (a median of ~0.035 on the
+    CPU), so that a fault both share (the AR step's second CUDA stream, Layer.feed_forward_overlapped) fails."""
     ref = fast_path_passes(gentle_ckpt, torch.float32)
     eager = fast_path_passes(gentle_ckpt, torch.bfloat16, "cuda")
     tuned = fast_path_passes(gentle_ckpt, torch.bfloat16, "cuda", compiled=True, autotune=True)
     for r, e, t in zip(ref, eager, tuned):
+        assert token_err(e, r) < 0.1
         assert token_err(t, r) < 1.25 * token_err(e, r)
 
 
