@@ -828,8 +828,9 @@ class StaticKVCache:
 def store_kv(K, V, k, v, S: int, tail_rows, positions):
     """Writes a pass's k, v [B, kv, T, D] into one layer's StaticKVCache rows K, V [B, kv, S + tail, D]: all T
     tokens at tail_rows [T] (None: not there), and the last min(T, S) at their slots, position % S (positions
-    [T]; None: not stored). Indexed copies only: compiled, both writes of both tensors are one kernel that
-    writes the cache in place (a slice assignment beside them made inductor copy the whole cache)."""
+    [T]; None: not stored). Indexed copies only, so that compiled they write the cache in place (a slice
+    assignment beside them made inductor copy the whole cache): on an H200, a denoising pass's two tail writes
+    are one kernel, an AR step's four writes four (README.md)."""
     for C, x in ((K, k), (V, v)):
         if tail_rows is not None:
             C.index_copy_(2, tail_rows, x)
@@ -1004,8 +1005,8 @@ class DiffusionGemma(nn.Module):
         chunk, written straight into the logits) and the self-conditioning product's softmax. Used by
         train_sudoku.py on GPU (1.8x per step for the Sudoku model on an H100) and by
         FastPath(compile_layers=True); also the parts of Layer.feed_forward_overlapped (compiled when first
-        called). Each distinct shape, grad mode and encoder flag compiles once; layers of
-        the same shape share the compiled code (hence the raised recompile limit).
+        called). Each distinct shape, grad mode and encoder flag compiles once; layers of the same shape share
+        the compiled code (hence the raised recompile limit).
         autotune: compile them, and Attention.output (o_proj), with inductor's max-autotune, which times Triton
         templates against aten for each GEMM shape inside them, grouped-GEMM templates with 16-row tiles among
         them (on an H100, the 26B experts' GEMMs 8-12% faster than aten's); each new shape takes seconds to
@@ -1639,7 +1640,7 @@ class FastPath:
                                           f"is bf16 only), not {str(self.dtype).replace('torch.', '')}; "
                                           f"use dtype bfloat16 or leave the layers eager")
             model.compile_layers(autotune)
-            self.cache.store = torch.compile(store_kv, dynamic=False)  # one in-place kernel per layer and pass
+            self.cache.store = torch.compile(store_kv, dynamic=False)  # in place, fewer kernels (store_kv)
         self.timing, self.events = timing and cuda, defaultdict(list)
         # the inputs of the recorded passes: copied in before each replay
         B, C, dev = batch_size, cfg.canvas_length, self.device
