@@ -788,8 +788,8 @@ class StaticKVCache:
         kind, T = self.cfg.layer_types[layer], k.shape[2]
         S, K, V = self.slots[kind], self.k[layer], self.v[layer]
         if T > K.shape[2] - S:  # the concatenation is a copy: then the ring may be overwritten
-            kv = (torch.cat([K[:, :, :self.read_slots(kind, T)], k], dim=2),
-                  torch.cat([V[:, :, :self.read_slots(kind, T)], v], dim=2))
+            R = self.read_slots(kind, T)
+            kv = torch.cat([K[:, :, :R], k], dim=2), torch.cat([V[:, :, :R], v], dim=2)
             if positions is not None:
                 self.store(K, V, k, v, S, None, positions)
             return kv
