@@ -741,13 +741,12 @@ class StaticKVCache:
         self.cfg, self.batch_size, self.capacity = cfg, batch_size, capacity
         ring = -(-(cfg.sliding_window - 1 + cfg.canvas_length) // 64) * 64  # rounded up for aligned rows
         self.slots = {SLIDING: ring, FULL: capacity}
-        self.k, self.v = [], []
+        self.kv = []  # per layer, keys and values in one buffer [2, B, kv, S + tail, D], so that one write stores both
         for i, kind in enumerate(cfg.layer_types):
             D, kv = cfg.attn_shape(i)
             # zeros, not empty: a masked slot is multiplied by 0 and must not hold a NaN
             S = self.slots[kind] + cfg.canvas_length
-            self.k.append(torch.zeros(batch_size, kv, S, D, dtype=dtype, device=device))
-            self.v.append(torch.zeros(batch_size, kv, S, D, dtype=dtype, device=device))
+            self.kv.append(torch.zeros(2, batch_size, kv, S, D, dtype=dtype, device=device))
         self.pos = {kind: torch.full((S,), self.EMPTY, device=device) for kind, S in self.slots.items()}
         self.valid = {kind: torch.zeros(batch_size, S, dtype=torch.bool, device=device)
                       for kind, S in self.slots.items()}
@@ -786,14 +785,15 @@ class StaticKVCache:
         cache's S slots and padded(T) tail slots (see own_keys); a long pass, the first read_slots() slots and
         its own T."""
         kind, T = self.cfg.layer_types[layer], k.shape[2]
-        S, K, V = self.slots[kind], self.k[layer], self.v[layer]
+        S, KV = self.slots[kind], self.kv[layer]
+        K, V = KV
         if T > K.shape[2] - S:  # the concatenation is a copy: then the ring may be overwritten
             R = self.read_slots(kind, T)
             kv = torch.cat([K[:, :, :R], k], dim=2), torch.cat([V[:, :, :R], v], dim=2)
             if positions is not None:
-                self.store(K, V, k, v, S, None, positions)
+                self.store(KV, k, v, S, None, positions)
             return kv
-        self.store(K, V, k, v, S, self.tail_rows[kind][:T], positions)
+        self.store(KV, k, v, S, self.tail_rows[kind][:T], positions)
         return K[:, :, :S + self.padded(T)], V[:, :, :S + self.padded(T)]
 
     def read_slots(self, kind, T):
@@ -825,18 +825,21 @@ class StaticKVCache:
         self.host_length += T
 
 
-def store_kv(K, V, k, v, S: int, tail_rows, positions):
-    """Writes a pass's k, v [B, kv, T, D] into one layer's StaticKVCache rows K, V [B, kv, S + tail, D]: all T
-    tokens at tail_rows [T] (None: not there), and the last min(T, S) at their slots, position % S (positions
-    [T]; None: not stored). Indexed copies only, so that compiled they write the cache in place (a slice
-    assignment beside them made inductor copy the whole cache): on an H200, a denoising pass's two tail writes
-    are one kernel, an AR step's four writes four (README.md)."""
-    for C, x in ((K, k), (V, v)):
-        if tail_rows is not None:
-            C.index_copy_(2, tail_rows, x)
-        if positions is not None:
-            n = min(x.shape[2], S)
-            C.index_copy_(2, positions[-n:] % S, x[:, :, -n:])
+def store_kv(KV, k, v, S: int, tail_rows, positions):
+    """Writes a pass's k, v [B, kv, T, D] into one layer's StaticKVCache buffer KV [2, B, kv, S + tail, D]
+    (keys, then values): all T tokens at tail_rows [T] (None: not there), and the last min(T, S) at their
+    slots, position % S (positions [T]; None: not stored). One indexed copy of both (the rows never repeat:
+    the tail lies after the S slots), so that compiled it is one kernel that writes the cache in place (a
+    slice assignment beside an indexed copy made inductor copy the whole cache)."""
+    rows, src = [], []
+    if tail_rows is not None:
+        rows.append(tail_rows)
+        src.append(torch.stack([k, v]))
+    if positions is not None:
+        n = min(k.shape[2], S)
+        rows.append(positions[-n:] % S)
+        src.append(torch.stack([k[:, :, -n:], v[:, :, -n:]]))
+    KV.index_copy_(3, torch.cat(rows), torch.cat(src, 3))
 
 
 def attention_mask(q_pos, k_pos, k_valid, causal: bool, window: int | None, band: bool):

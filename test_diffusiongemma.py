@@ -796,22 +796,24 @@ def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
         assert keys.shape[2] == ids.shape[1] + 20 < fast.cache.capacity
 
 
-def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False, seeds=range(6)):
+def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False, seeds=range(6), batch=2):
     """fp32 logits of the fast path's passes on one small batch, once per seed of the canvas, block and
     self-conditioning inputs: a denoising step without and with self-conditioning, then (after a commit) an
     AR token. Returns the three passes' logits, each stacked over the seeds. The 22-token prompt is prefilled
     as a 2-token remainder (eager), then one chunk of 20, longer than the tail of 16 (compiled with compiled
     layers). The self-conditioned step reads the same given logits in every variant, not the variant's own
-    first step, so that its error is the pass's own."""
-    ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]], 0, device)
+    first step, so that its error is the pass's own. batch=1 keeps the first prompt only: its AR token is
+    one row, whose experts compiled layers gather (Experts.forward_gathered), as in the 26B benchmark."""
+    ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]][:batch], 0, device)
     model = DiffusionGemma.from_pretrained(ckpt, dtype=dtype, device=device)
-    fast = dg.FastPath(model, 2, capacity=64, prefill_chunk=20, compile_layers=compiled, autotune=autotune)
+    fast = dg.FastPath(model, batch, capacity=64, prefill_chunk=20, compile_layers=compiled, autotune=autotune)
     runs = []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         canvas, block = torch.randint(0, 512, (2, 16), generator=g), torch.randint(3, 500, (2, 16), generator=g)
         sc_logits = torch.randn(2, 16, 512, generator=g) * 4  # a previous step's temperature-scaled logits
-        fast.start(2, ids.shape[1] + 33)
+        canvas, block, sc_logits = canvas[:batch], block[:batch], sc_logits[:batch]
+        fast.start(batch, ids.shape[1] + 33)
         with torch.no_grad():
             fast.prefill(ids, valid)
             first = fast.denoise(canvas.to(device), None).float().cpu()
@@ -830,14 +832,16 @@ def token_err(a, b):
     return ((a - b).norm(dim=-1) / b.norm(dim=-1)).median().item()
 
 
-def test_fast_path_with_compiled_layers_matches_eager(gentle_ckpt):
+@pytest.mark.parametrize("batch", [2, 1])
+def test_fast_path_with_compiled_layers_matches_eager(gentle_ckpt, batch):
     """FastPath(compile_layers=True) computes what the eager fast path computes, for a denoising step (with
-    and without self-conditioning), a commit and an AR token. The compiled experts need bf16, whose own
-    rounding moves this random model's logits (bf16 eager against fp32 eager: ~3% for most tokens, up to
-    ~80% for a token whose experts change), so the check is that the compiled bf16 logits are no further
-    from fp32 than the eager bf16 ones, token by token (token_err; CPU inductor here)."""
-    ref, eager = fast_path_passes(gentle_ckpt, torch.float32), fast_path_passes(gentle_ckpt, torch.bfloat16)
-    compiled = fast_path_passes(gentle_ckpt, torch.bfloat16, compiled=True)
+    and without self-conditioning), a commit and an AR token (at batch 1: one row, gathered experts). The
+    compiled experts need bf16, whose own rounding moves this random model's logits (bf16 eager against fp32
+    eager: ~3% for most tokens, up to ~80% for a token whose experts change), so the check is that the
+    compiled bf16 logits are no further from fp32 than the eager bf16 ones, token by token (token_err; CPU
+    inductor here)."""
+    ref, eager = (fast_path_passes(gentle_ckpt, dt, batch=batch) for dt in (torch.float32, torch.bfloat16))
+    compiled = fast_path_passes(gentle_ckpt, torch.bfloat16, compiled=True, batch=batch)
     for r, e, c in zip(ref, eager, compiled):
         assert token_err(c, r) < 1.25 * token_err(e, r)
 
