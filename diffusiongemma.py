@@ -1017,8 +1017,10 @@ class DiffusionGemma(nn.Module):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # multi_kernel: inductor may keep a whole row of scores in registers (a persistent reduction: one read of
         # the fp32 scores, not two) and picks the faster kernel by timing both; on an H200 the softmax of a
-        # denoise pass took 0.54 ms instead of 1.06 (README.md)
-        softmax = torch.compile(masked_softmax, dynamic=False, options={"triton.multi_kernel": 1})
+        # denoise pass took 0.54 ms instead of 1.06 (README.md). Not from inductor's on-disk graph cache: loading
+        # a multi-kernel from it failed in torch 2.11 (TypeError in triton's cache_key), and this compiles in seconds
+        softmax = torch.compile(masked_softmax, dynamic=False,
+                                options={"triton.multi_kernel": 1, "fx_graph_cache": False})
         mode = "max-autotune-no-cudagraphs" if autotune else None  # (the fast path records its own graphs)
         for layer in self.layers:
             layer.self_attn.softmax = softmax
