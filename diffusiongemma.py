@@ -789,10 +789,10 @@ class StaticKVCache:
         K, V = KV
         if T > K.shape[2] - S:  # the concatenation is a copy: then the ring may be overwritten
             R = self.read_slots(kind, T)
-            kv = torch.cat([K[:, :, :R], k], dim=2), torch.cat([V[:, :, :R], v], dim=2)
+            joined = torch.cat([K[:, :, :R], k], dim=2), torch.cat([V[:, :, :R], v], dim=2)
             if positions is not None:
                 self.store(KV, k, v, S, None, positions)
-            return kv
+            return joined
         self.store(KV, k, v, S, self.tail_rows[kind][:T], positions)
         return K[:, :, :S + self.padded(T)], V[:, :, :S + self.padded(T)]
 
