@@ -260,6 +260,60 @@ def test_sort_pairs_is_a_stable_sort_by_expert():
         assert torch.equal(offsets, torch.bincount(expert, minlength=E).cumsum(0).to(torch.int32))
 
 
+try:
+    import triton  # torch's CUDA wheels bring it; .ci/run installs it for its CPU interpreter
+    HAVE_TRITON = True
+    # Triton 3.6's interpreter hands a kernel's integer arguments to range() as numpy arrays, which numpy 2.4
+    # refuses to convert; 3.9's runs the kernel
+    TRITON_INTERPRETS = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 9)
+except ImportError:
+    HAVE_TRITON = TRITON_INTERPRETS = False
+
+FEW_ROWS_CHECK = """
+import torch, diffusiongemma as dg
+g = torch.Generator().manual_seed(0)
+E, N, K = 8, 96, 80
+expert = torch.randint(0, E // 2 + 1, (110,), generator=g) * 2 % E  # odd experts get no rows
+expert[:70] = 4                                                    # and expert 4 more than 2 tiles of rows
+_, _, ends = dg.sort_pairs(expert, E)
+x, w = torch.randn(110, K, generator=g), torch.randn(E, N, K, generator=g)
+want = torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
+for blocks in ((64, 128, 64), (16, 32, 32)):  # the default tiles; tiles that split N and K unevenly
+    got = dg.grouped_mm_few_rows(x, w, ends, *blocks)
+    print(((got - want).abs().max() / want.abs().max()).item())
+"""
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETS, reason="needs Triton >= 3.9 for its CPU interpreter (torch's CUDA wheels "
+                                                 "bring an older one; .ci/run installs 3.9.0)")
+def test_few_rows_grouped_kernel_matches_aten_in_triton_interpreter():
+    """grouped_mm_few_rows, the Triton kernel of the denoising step's experts, run by Triton's CPU interpreter in
+    fp32 (the interpreter's bf16 products are wrong), computes torch._grouped_mm: experts without rows, an
+    expert with more rows than a tile, output and input sizes that the tiles do not divide."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", FEW_ROWS_CHECK], cwd=HERE, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = [float(line) for line in run.stdout.split()]
+    assert len(errors) == 2 and max(errors) < 1e-5, errors
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
+def test_few_rows_grouped_kernel_matches_aten_on_gpu():
+    """On the GPU in bf16, grouped_mm (which picks grouped_mm_few_rows for few rows outside autograd) gives
+    torch._grouped_mm's results up to bf16 rounding, at the 26B experts' sizes with a skewed routing."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    E, H, I = 128, 2816, 704
+    logits = torch.randn(256, E, device="cuda", generator=g) + torch.linspace(0, 3, E, device="cuda")
+    _, _, ends = dg.sort_pairs(logits.topk(8, -1).indices.reshape(-1), E)
+    for N, K in ((2 * I, H), (H, I)):
+        x = torch.randn(2048, K, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(E, N, K, device="cuda", generator=g) * 0.02).bfloat16()
+        want = torch._grouped_mm(x, w.transpose(1, 2), offs=ends).float()
+        with torch.no_grad():
+            got = dg.grouped_mm(x, w, ends).float()
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
 def test_explicit_attention_matches_sdpa():
     """attend's explicit matmuls (few query rows, or heads wider than 256; no autograd: the fast path) compute
     SDPA's attention, masked, at scale 1, with one mask shared by the G query heads of a KV head, also when
