@@ -547,8 +547,9 @@ class Experts(nn.Module):
     first), down_proj [E, H, I]. Two ways to run them, tested equal:
       * `loop`: one small matmul pair per expert that got tokens (plain, readable: the reference);
       * `grouped`: sort the (token, expert) pairs by expert and run one grouped GEMM per projection
-        (torch._grouped_mm), with no host synchronisation: the fast path on GPU. Compiled, a lone token
-        (an AR step at batch 1) runs forward_gathered instead, which reads its k experts in place.
+        (grouped_mm: our Triton kernel for a canvas's few rows per expert on CUDA, else torch._grouped_mm),
+        with no host synchronisation: the fast path on GPU. Compiled, a lone token (an AR step at batch 1)
+        runs forward_gathered instead, which reads its k experts in place.
     to_fp8() turns the grouped path into a float8 one (per-row scales): faster, and an approximation."""
 
     def __init__(self, cfg: Config):
@@ -1069,8 +1070,8 @@ class DiffusionGemma(nn.Module):
         the compiled code (hence the raised recompile limit).
         autotune: compile them, and Attention.output (o_proj), with inductor's max-autotune, which times Triton
         templates against aten for each GEMM shape inside them, grouped-GEMM templates with 16-row tiles among
-        them (on an H100, the 26B experts' GEMMs 8-12% faster than aten's); each new shape takes seconds to
-        minutes."""
+        them for the experts of a prefill chunk (a canvas's run our own kernel, grouped_mm_few_rows, which it
+        does not tune); each new shape takes seconds to minutes."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # multi_kernel: inductor may keep a whole row of scores in registers (a persistent reduction: one read of
         # the fp32 scores, not two) and picks the faster kernel by timing both; on an H200 the softmax of a
