@@ -10,8 +10,9 @@ Generation is uniform-noise diffusion: the canvas starts as random vocabulary to
 mask token); each step samples every position, keeps the lowest-entropy ones under an entropy
 bound and re-noises the rest; the block's argmax is emitted and committed; the next block follows.
 The plain path (KVCache, an expert loop) is the readable reference, tested against transformers;
-FastPath runs the same modules with a static cache, grouped-GEMM experts and CUDA graphs, tested
-against the plain path. experts_to_fp8() is an opt-in approximation for speed: float8 experts.
+FastPath runs the same modules with a static cache, grouped-GEMM experts (on CUDA a Triton kernel of ours
+for a canvas's few rows per expert) and CUDA graphs, tested against the plain path. experts_to_fp8() is an
+opt-in approximation for speed: float8 experts.
 
 Quirks of the architecture that are easy to get wrong (all checked against transformers in tests):
   1. RMSNorm multiplies by `w`, not `1 + w` (Gemma 4, unlike Gemma 1-3); it runs in fp32 inside.

@@ -264,8 +264,8 @@ try:
     import triton  # torch's CUDA wheels bring it; .ci/run installs it for its CPU interpreter
     HAVE_TRITON = True
     # Triton 3.6's interpreter hands a kernel's integer arguments to range() as numpy arrays, which numpy 2.4
-    # refuses to convert; 3.9's runs the kernel
-    TRITON_INTERPRETS = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 9)
+    # refuses to convert; 3.7, 3.8 and 3.9 run the kernel
+    TRITON_INTERPRETS = tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7)
 except ImportError:
     HAVE_TRITON = TRITON_INTERPRETS = False
 
@@ -284,8 +284,8 @@ for blocks in ((64, 128, 64), (16, 32, 32)):  # the default tiles; tiles that sp
 """
 
 
-@pytest.mark.skipif(not TRITON_INTERPRETS, reason="needs Triton >= 3.9 for its CPU interpreter (torch's CUDA wheels "
-                                                 "bring an older one; .ci/run installs 3.9.0)")
+@pytest.mark.skipif(not TRITON_INTERPRETS, reason="needs Triton >= 3.7 for its CPU interpreter (torch's CUDA wheels "
+                                                 "bring it; .ci/run installs 3.9.0)")
 def test_few_rows_grouped_kernel_matches_aten_in_triton_interpreter():
     """grouped_mm_few_rows, the Triton kernel of the denoising step's experts, run by Triton's CPU interpreter in
     fp32 (the interpreter's bf16 products are wrong), computes torch._grouped_mm: experts without rows, an
