@@ -480,16 +480,16 @@ def quantize_fp8(x):
 FEW_ROWS = 4096  # grouped_mm: up to this many rows (pairs: a 256-token canvas has 2,048) run grouped_mm_few_rows
 
 
-def grouped_mm(x, w, offsets, scale=None):
+def grouped_mm(x, w, offsets, scale=None, kernel=False):
     """Rows of x [P, in], grouped by expert (offsets [E]: each group's end row), times their expert's
     w [E, out, in] transposed -> [P, out]. A float8 w (Experts.to_fp8) comes with a decode scale per output
     row, scale [E, out]: then x is quantised per row too and, on CUDA, one scaled grouped GEMM runs
     (fp32 sums of the exact fp8 products, then both scales); elsewhere the same sums in fp32 from the
-    dequantised operands: the reference that a GPU test compares the kernel with. In bf16 on CUDA, outside
-    autograd, up to FEW_ROWS rows run our Triton kernel (grouped_mm_few_rows), which streams the weights faster."""
+    dequantised operands: the reference that a GPU test compares the kernel with. kernel=True (FastPath on an
+    Ampere or later GPU, Experts.triton): in bf16, outside autograd, up to FEW_ROWS rows run our Triton kernel
+    (grouped_mm_few_rows), which streams the weights faster."""
     if scale is None:
-        few = x.shape[0] <= FEW_ROWS and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
-        if few and x.is_cuda and triton is not None:
+        if kernel and x.shape[0] <= FEW_ROWS and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
             return grouped_mm_few_rows(x, w, offsets)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
     xq, x_scale = quantize_fp8(x)
@@ -559,6 +559,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.impl = "loop"  # or "grouped"
+        self.triton = False  # grouped: our Triton kernel for a few rows per expert (FastPath sets it on a GPU)
         self.gate_up_scale = self.down_scale = None  # per-row decode scales once to_fp8() has run
 
     @torch.no_grad()
@@ -617,11 +618,12 @@ class Experts(nn.Module):
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         fp8 = self.gate_up_scale is not None
         xs = x[token].to(dt)                                         # [N*k, H]
-        h = grouped_mm(xs, self.gate_up_proj if fp8 else self.gate_up_proj.to(dt), offsets, self.gate_up_scale)
+        h = grouped_mm(xs, self.gate_up_proj if fp8 else self.gate_up_proj.to(dt), offsets, self.gate_up_scale,
+                       self.triton)
         gate, up = h.chunk(2, dim=-1)                                # [N*k, I] each
         # the routing weight scales the expert's hidden state (down_proj is linear: the same as scaling its output)
         act = (F.gelu(gate, approximate="tanh") * up * weights.reshape(-1)[order, None]).to(dt)
-        y = grouped_mm(act, self.down_proj if fp8 else self.down_proj.to(dt), offsets, self.down_scale)
+        y = grouped_mm(act, self.down_proj if fp8 else self.down_proj.to(dt), offsets, self.down_scale, self.triton)
         # each token's sum over its k experts, in fp32: pair (n, j) sits at sorted row inverse[n * k + j]
         # (compiled, the gather and the sum are one kernel)
         return y[inverse.view(N, k).t()].sum(0, dtype=torch.float32).to(x.dtype)
@@ -1696,6 +1698,10 @@ class FastPath:
             stream = torch.cuda.Stream(self.device)
             for layer in model.layers:
                 layer.stream = stream
+        # a canvas's experts by our Triton kernel (grouped_mm_few_rows); its bf16 products need an Ampere or later GPU
+        kernel = cuda and triton is not None and torch.cuda.get_device_capability(self.device) >= (8, 0)
+        for layer in model.layers:
+            layer.experts.triton = kernel
         self.cache = StaticKVCache(cfg, batch_size, -(-capacity // 64) * 64, self.device, self.dtype)
         self.graphs, self.recorded = graphs and cuda, {}
         self.prefill_chunk, self.vocab_chunk, self.sampler_rows = prefill_chunk, vocab_chunk, sampler_rows

@@ -299,8 +299,9 @@ def test_few_rows_grouped_kernel_matches_aten_in_triton_interpreter():
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
 def test_few_rows_grouped_kernel_matches_aten_on_gpu():
-    """On the GPU in bf16, grouped_mm (which picks grouped_mm_few_rows for few rows outside autograd) gives
-    torch._grouped_mm's results up to bf16 rounding, at the 26B experts' sizes with a skewed routing."""
+    """On the GPU in bf16, grouped_mm(kernel=True) (which picks grouped_mm_few_rows for few rows outside autograd,
+    as a FastPath's experts do) gives torch._grouped_mm's results up to bf16 rounding, at the 26B experts' sizes
+    with a skewed routing."""
     g = torch.Generator(device="cuda").manual_seed(0)
     E, H, I = 128, 2816, 704
     logits = torch.randn(256, E, device="cuda", generator=g) + torch.linspace(0, 3, E, device="cuda")
@@ -310,8 +311,12 @@ def test_few_rows_grouped_kernel_matches_aten_on_gpu():
         w = (torch.randn(E, N, K, device="cuda", generator=g) * 0.02).bfloat16()
         want = torch._grouped_mm(x, w.transpose(1, 2), offs=ends).float()
         with torch.no_grad():
-            got = dg.grouped_mm(x, w, ends).float()
+            got = dg.grouped_mm(x, w, ends, kernel=True).float()
         assert ((got - want).norm() / want.norm()).item() < 1e-2
+    model = randomise_(DiffusionGemma(tiny_config())).to("cuda", torch.bfloat16)
+    assert not model.layers[0].experts.triton
+    dg.FastPath(model, capacity=64)
+    assert all(layer.experts.triton for layer in model.layers) == (torch.cuda.get_device_capability() >= (8, 0))
 
 
 def test_explicit_attention_matches_sdpa():
