@@ -548,9 +548,9 @@ class Experts(nn.Module):
     first), down_proj [E, H, I]. Two ways to run them, tested equal:
       * `loop`: one small matmul pair per expert that got tokens (plain, readable: the reference);
       * `grouped`: sort the (token, expert) pairs by expert and run one grouped GEMM per projection
-        (grouped_mm: our Triton kernel for a canvas's few rows per expert on CUDA, else torch._grouped_mm),
-        with no host synchronisation: the fast path on GPU. Compiled, a lone token (an AR step at batch 1)
-        runs forward_gathered instead, which reads its k experts in place.
+        (grouped_mm: our Triton kernel for a canvas's few rows per expert where FastPath sets `triton`, else
+        torch._grouped_mm), with no host synchronisation: the fast path on GPU. Compiled, a lone token (an AR
+        step at batch 1) runs forward_gathered instead, which reads its k experts in place.
     to_fp8() turns the grouped path into a float8 one (per-row scales): faster, and an approximation."""
 
     def __init__(self, cfg: Config):
