@@ -486,7 +486,7 @@ def grouped_mm(x, w, offsets, scale=None, kernel=False):
     row, scale [E, out]: then x is quantised per row too and, on CUDA, one scaled grouped GEMM runs
     (fp32 sums of the exact fp8 products, then both scales); elsewhere the same sums in fp32 from the
     dequantised operands: the reference that a GPU test compares the kernel with. kernel=True (FastPath on an
-    Ampere or later GPU, Experts.triton): in bf16, outside autograd, up to FEW_ROWS rows run our Triton kernel
+    Ampere or later GPU, Experts.few_rows_kernel): in bf16, outside autograd, up to FEW_ROWS rows run our Triton kernel
     (grouped_mm_few_rows), which streams the weights faster."""
     if scale is None:
         if kernel and x.shape[0] <= FEW_ROWS and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
@@ -548,9 +548,9 @@ class Experts(nn.Module):
     first), down_proj [E, H, I]. Two ways to run them, tested equal:
       * `loop`: one small matmul pair per expert that got tokens (plain, readable: the reference);
       * `grouped`: sort the (token, expert) pairs by expert and run one grouped GEMM per projection
-        (grouped_mm: our Triton kernel for a canvas's few rows per expert where FastPath sets `triton`, else
-        torch._grouped_mm), with no host synchronisation: the fast path on GPU. Compiled, a lone token (an AR
-        step at batch 1) runs forward_gathered instead, which reads its k experts in place.
+        (grouped_mm: our Triton kernel for a canvas's few rows per expert where FastPath sets few_rows_kernel,
+        else torch._grouped_mm), with no host synchronisation: the fast path on GPU. Compiled, a lone token (an
+        AR step at batch 1) runs forward_gathered instead, which reads its k experts in place.
     to_fp8() turns the grouped path into a float8 one (per-row scales): faster, and an approximation."""
 
     def __init__(self, cfg: Config):
@@ -559,7 +559,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.impl = "loop"  # or "grouped"
-        self.triton = False  # grouped: our Triton kernel for a few rows per expert (FastPath sets it on a GPU)
+        self.few_rows_kernel = False  # grouped: grouped_mm_few_rows for a few rows (FastPath sets it on a GPU)
         self.gate_up_scale = self.down_scale = None  # per-row decode scales once to_fp8() has run
 
     @torch.no_grad()
@@ -619,11 +619,12 @@ class Experts(nn.Module):
         fp8 = self.gate_up_scale is not None
         xs = x[token].to(dt)                                         # [N*k, H]
         h = grouped_mm(xs, self.gate_up_proj if fp8 else self.gate_up_proj.to(dt), offsets, self.gate_up_scale,
-                       self.triton)
+                       self.few_rows_kernel)
         gate, up = h.chunk(2, dim=-1)                                # [N*k, I] each
         # the routing weight scales the expert's hidden state (down_proj is linear: the same as scaling its output)
         act = (F.gelu(gate, approximate="tanh") * up * weights.reshape(-1)[order, None]).to(dt)
-        y = grouped_mm(act, self.down_proj if fp8 else self.down_proj.to(dt), offsets, self.down_scale, self.triton)
+        y = grouped_mm(act, self.down_proj if fp8 else self.down_proj.to(dt), offsets, self.down_scale,
+                       self.few_rows_kernel)
         # each token's sum over its k experts, in fp32: pair (n, j) sits at sorted row inverse[n * k + j]
         # (compiled, the gather and the sum are one kernel)
         return y[inverse.view(N, k).t()].sum(0, dtype=torch.float32).to(x.dtype)
@@ -1701,7 +1702,7 @@ class FastPath:
         # a canvas's experts by our Triton kernel (grouped_mm_few_rows); its bf16 products need an Ampere or later GPU
         kernel = cuda and triton is not None and torch.cuda.get_device_capability(self.device) >= (8, 0)
         for layer in model.layers:
-            layer.experts.triton = kernel
+            layer.experts.few_rows_kernel = kernel
         self.cache = StaticKVCache(cfg, batch_size, -(-capacity // 64) * 64, self.device, self.dtype)
         self.graphs, self.recorded = graphs and cuda, {}
         self.prefill_chunk, self.vocab_chunk, self.sampler_rows = prefill_chunk, vocab_chunk, sampler_rows

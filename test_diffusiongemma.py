@@ -314,9 +314,10 @@ def test_few_rows_grouped_kernel_matches_aten_on_gpu():
             got = dg.grouped_mm(x, w, ends, kernel=True).float()
         assert ((got - want).norm() / want.norm()).item() < 1e-2
     model = randomise_(DiffusionGemma(tiny_config())).to("cuda", torch.bfloat16)
-    assert not model.layers[0].experts.triton
+    assert not model.layers[0].experts.few_rows_kernel
     dg.FastPath(model, capacity=64)
-    assert all(layer.experts.triton for layer in model.layers) == (torch.cuda.get_device_capability() >= (8, 0))
+    ampere = torch.cuda.get_device_capability() >= (8, 0)
+    assert all(layer.experts.few_rows_kernel == ampere for layer in model.layers)
 
 
 def test_explicit_attention_matches_sdpa():
