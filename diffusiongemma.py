@@ -480,17 +480,26 @@ def quantize_fp8(x):
 FEW_ROWS = 4096  # grouped_mm: up to this many rows (pairs: a 256-token canvas has 2,048) run grouped_mm_few_rows
 
 
-def grouped_mm(x, w, offsets, scale=None, kernel=False):
+def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None):
     """Rows of x [P, in], grouped by expert (offsets [E]: each group's end row), times their expert's
-    w [E, out, in] transposed -> [P, out]. A float8 w (Experts.to_fp8) comes with a decode scale per output
-    row, scale [E, out]: then x is quantised per row too and, on CUDA, one scaled grouped GEMM runs
+    w [E, out, in] transposed -> [P, out]. rows [P] (optional): grouped row r is x[rows[r]] (x may then have
+    any number of rows); out_rows [P] (optional, a permutation): grouped row r's product goes to output row
+    out_rows[r]. kernel=True (FastPath on an Ampere or later GPU, Experts.few_rows_kernel): in bf16, outside
+    autograd, up to FEW_ROWS rows run our Triton kernel (grouped_mm_few_rows), which streams the weights faster
+    and reads and writes rows where they are; else the rows are gathered and scattered around grouped_mm_sorted."""
+    P = x.shape[0] if rows is None else rows.shape[0]
+    if kernel and scale is None and x.dtype == torch.bfloat16 and P <= FEW_ROWS and not torch.is_grad_enabled():
+        return grouped_mm_few_rows(x, w, offsets, rows, out_rows)
+    out = grouped_mm_sorted(x if rows is None else x[rows], w, offsets, scale)
+    return out if out_rows is None else out.new_empty(out.shape).index_copy(0, out_rows, out)
+
+
+def grouped_mm_sorted(x, w, offsets, scale=None):
+    """grouped_mm's rows in order, by aten's grouped GEMM. A float8 w (Experts.to_fp8) comes with a decode scale
+    per output row, scale [E, out]: then x is quantised per row too and, on CUDA, one scaled grouped GEMM runs
     (fp32 sums of the exact fp8 products, then both scales); elsewhere the same sums in fp32 from the
-    dequantised operands: the reference that a GPU test compares the kernel with. kernel=True (FastPath on an
-    Ampere or later GPU, Experts.few_rows_kernel): in bf16, outside autograd, up to FEW_ROWS rows run our Triton kernel
-    (grouped_mm_few_rows), which streams the weights faster."""
+    dequantised operands: the reference that a GPU test compares the kernel with."""
     if scale is None:
-        if kernel and x.shape[0] <= FEW_ROWS and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-            return grouped_mm_few_rows(x, w, offsets)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
     xq, x_scale = quantize_fp8(x)
     if x.is_cuda:
@@ -499,7 +508,8 @@ def grouped_mm(x, w, offsets, scale=None, kernel=False):
     return torch._grouped_mm(xd, wd.transpose(1, 2), offs=offsets).to(x.dtype)
 
 
-def grouped_mm_few_rows(x, w, offsets, block_m=64, block_n=128, block_k=64, warps=8, stages=3):
+def grouped_mm_few_rows(x, w, offsets, rows=None, out_rows=None, block_m=64, block_n=128, block_k=64, warps=8,
+                        stages=3):
     """grouped_mm (no scale) for a few rows per expert, as in a denoising step or a commit: each
     program reads one tile of block_n output rows of one expert's w, for all of that expert's rows of x
     (block_m at a time), so the pass streams the weights and little else. At the 26B shape and 256 tokens a
@@ -507,24 +517,28 @@ def grouped_mm_few_rows(x, w, offsets, block_m=64, block_n=128, block_k=64, warp
     (the tiles: the fastest of a sweep there; README.md). Many rows per expert (a 2,048-token prefill chunk)
     re-read the tiles: it was 1.8x slower than aten's there, hence FEW_ROWS. fp32 runs too (the CPU test runs it
     so in Triton's interpreter), but on the GPU tl.dot would round it to tf32: grouped_mm sends it bf16 only."""
-    P, K = x.shape
+    K = x.shape[1]
+    P = x.shape[0] if rows is None else rows.shape[0]
     E, N, _ = w.shape
     x, w = x.contiguous(), w.contiguous()
     out = torch.empty(P, N, dtype=x.dtype, device=x.device)
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))  # tiles no larger than a small model needs
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
-    grouped_mm_kernel[(E, triton.cdiv(N, block_n))](x, w, out, offsets, N, K, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                     BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    grouped_mm_kernel[(E, triton.cdiv(N, block_n))](
+        x, w, out, offsets, x if rows is None else rows, x if out_rows is None else out_rows, N, K,
+        GATHER=rows is not None, SCATTER=out_rows is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def grouped_mm_kernel(x_ptr, w_ptr, out_ptr, ends_ptr, N, K,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[m, n] = sum_k x[m, k] w[e, n, k] for the rows m of expert e: x [P, K], w [E, N, K], out [P, N]
-        (contiguous), ends [E] (the end row of each expert's group). Program (e, j): expert e, output columns
-        j*BLOCK_N onwards; an expert without rows reads nothing."""
+    def grouped_mm_kernel(x_ptr, w_ptr, out_ptr, ends_ptr, rows_ptr, out_rows_ptr, N, K, GATHER: tl.constexpr,
+                          SCATTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[m', n] = sum_k x[m'', k] w[e, n, k] for the grouped rows m of expert e, where m'' = rows[m] if
+        GATHER else m, and m' = out_rows[m] if SCATTER else m: x [*, K], w [E, N, K], out [P, N] (contiguous),
+        ends [E] (the end row of each expert's group). Program (e, j): expert e, output columns j*BLOCK_N
+        onwards; an expert without rows reads nothing."""
         e = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                  # [BLOCK_N] output columns
         k = tl.arange(0, BLOCK_K)
@@ -532,15 +546,21 @@ if triton is not None:
         end = tl.load(ends_ptr + e)
         w_tile = w_ptr + e.to(tl.int64) * N * K + n[:, None] * K + k[None, :]   # [BLOCK_N, BLOCK_K] pointers
         for m0 in range(start, end, BLOCK_M):
-            m = m0 + tl.arange(0, BLOCK_M)                                      # [BLOCK_M] rows of x and out
+            m = m0 + tl.arange(0, BLOCK_M)                                      # [BLOCK_M] grouped rows
+            m_ok = m[:, None] < end
+            src, dst = m, m                                                     # their rows of x and of out
+            if GATHER:
+                src = tl.load(rows_ptr + m, mask=m < end, other=0)
+            if SCATTER:
+                dst = tl.load(out_rows_ptr + m, mask=m < end, other=0)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 k_ok = k[None, :] < K - k0
-                a = tl.load(x_ptr + m[:, None] * K + (k0 + k)[None, :], mask=(m[:, None] < end) & k_ok, other=0.0)
+                a = tl.load(x_ptr + src[:, None] * K + (k0 + k)[None, :], mask=m_ok & k_ok, other=0.0)
                 b = tl.load(w_tile + k0, mask=(n[:, None] < N) & k_ok, other=0.0)
                 acc = tl.dot(a, tl.trans(b), acc)
-            tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=(m[:, None] < end) & (n[None, :] < N))
+            tl.store(out_ptr + dst[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=m_ok & (n[None, :] < N))
 
 
 class Experts(nn.Module):
@@ -612,22 +632,21 @@ class Experts(nn.Module):
     def forward_grouped(self, x, weights, ids):
         N, k = ids.shape
         E = self.gate_up_proj.shape[0]
-        order, inverse, offsets = sort_pairs(ids.reshape(-1), E)
+        order, _, offsets = sort_pairs(ids.reshape(-1), E)
         token = order // k                                           # the token of each sorted pair
         # under autocast (training) the GEMMs run in the autocast dtype, like nn.Linear does
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         fp8 = self.gate_up_scale is not None
-        xs = x[token].to(dt)                                         # [N*k, H]
-        h = grouped_mm(xs, self.gate_up_proj if fp8 else self.gate_up_proj.to(dt), offsets, self.gate_up_scale,
-                       self.few_rows_kernel)
+        # sorted row r reads token[r]'s row of x (our kernel in place; else a gather)
+        h = grouped_mm(x.to(dt), self.gate_up_proj if fp8 else self.gate_up_proj.to(dt), offsets, self.gate_up_scale,
+                       self.few_rows_kernel, rows=token)             # [N*k, 2I], sorted by expert
         gate, up = h.chunk(2, dim=-1)                                # [N*k, I] each
         # the routing weight scales the expert's hidden state (down_proj is linear: the same as scaling its output)
         act = (F.gelu(gate, approximate="tanh") * up * weights.reshape(-1)[order, None]).to(dt)
+        # each sorted row's product is written back to its pair's row, n * k + j (our kernel as it stores)
         y = grouped_mm(act, self.down_proj if fp8 else self.down_proj.to(dt), offsets, self.down_scale,
-                       self.few_rows_kernel)
-        # each token's sum over its k experts, in fp32: pair (n, j) sits at sorted row inverse[n * k + j]
-        # (compiled, the gather and the sum are one kernel)
-        return y[inverse.view(N, k).t()].sum(0, dtype=torch.float32).to(x.dtype)
+                       self.few_rows_kernel, out_rows=order)         # [N*k, H], in pair order
+        return y.view(N, k, -1).sum(1, dtype=torch.float32).to(x.dtype)  # each token's sum over its k experts
 
 
 def sort_pairs(expert, E: int):

@@ -279,8 +279,13 @@ _, _, ends = dg.sort_pairs(expert, E)
 x, w = torch.randn(110, K, generator=g), torch.randn(E, N, K, generator=g)
 want = torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
 for blocks in ((64, 128, 64), (16, 32, 32)):  # the default tiles; tiles that split N and K unevenly
-    got = dg.grouped_mm_few_rows(x, w, ends, *blocks)
+    got = dg.grouped_mm_few_rows(x, w, ends, None, None, *blocks)
     print(((got - want).abs().max() / want.abs().max()).item())
+# grouped rows read from a smaller x by index, and written out to permuted rows
+x_few, rows, out_rows = x[:30], torch.randint(0, 30, (110,), generator=g), torch.randperm(110, generator=g)
+want = torch.empty_like(want).index_copy(0, out_rows, torch._grouped_mm(x_few[rows], w.transpose(1, 2), offs=ends))
+got = dg.grouped_mm_few_rows(x_few, w, ends, rows, out_rows)
+print(((got - want).abs().max() / want.abs().max()).item())
 """
 
 
@@ -289,12 +294,13 @@ for blocks in ((64, 128, 64), (16, 32, 32)):  # the default tiles; tiles that sp
 def test_few_rows_grouped_kernel_matches_aten_in_triton_interpreter():
     """grouped_mm_few_rows, the Triton kernel of the denoising step's experts, run by Triton's CPU interpreter in
     fp32 (the interpreter's bf16 products are wrong), computes torch._grouped_mm: experts without rows, an
-    expert with more rows than a tile, output and input sizes that the tiles do not divide."""
+    expert with more rows than a tile, output and input sizes that the tiles do not divide, and rows read and
+    written by index (rows, out_rows)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-c", FEW_ROWS_CHECK], cwd=HERE, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     errors = [float(line) for line in run.stdout.split()]
-    assert len(errors) == 2 and max(errors) < 1e-5, errors
+    assert len(errors) == 3 and max(errors) < 1e-5, errors
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
