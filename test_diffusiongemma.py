@@ -248,14 +248,13 @@ def test_gathered_experts_match_loop():
 
 
 def test_sort_pairs_is_a_stable_sort_by_expert():
-    """The counting sort behind the grouped experts: the pairs in the order of a stable sort by expert, the
-    inverse permutation, and each expert's end row (experts that got no pair included)."""
+    """The counting sort behind the grouped experts: the pairs in the order of a stable sort by expert, and each
+    expert's end row (experts that got no pair included)."""
     g = torch.Generator().manual_seed(0)
     for E, P in ((8, 50), (128, 2048), (4, 1)):
         expert = torch.randint(0, E // 2 + 1, (P,), generator=g) * 2 % E  # odd experts get nothing
-        order, inverse, offsets = dg.sort_pairs(expert, E)
+        order, offsets = dg.sort_pairs(expert, E)
         assert torch.equal(order, torch.sort(expert, stable=True).indices)
-        assert torch.equal(order[inverse], torch.arange(P))
         assert offsets.dtype == torch.int32
         assert torch.equal(offsets, torch.bincount(expert, minlength=E).cumsum(0).to(torch.int32))
 
@@ -275,7 +274,7 @@ g = torch.Generator().manual_seed(0)
 E, N, K = 8, 96, 80
 expert = torch.randint(0, E // 2 + 1, (110,), generator=g) * 2 % E  # odd experts get no rows
 expert[:70] = 4                                                    # and expert 4 more than 2 tiles of rows
-_, _, ends = dg.sort_pairs(expert, E)
+_, ends = dg.sort_pairs(expert, E)
 x, w = torch.randn(110, K, generator=g), torch.randn(E, N, K, generator=g)
 want = torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
 for blocks in ((64, 128, 64), (16, 32, 32)):  # the default tiles; tiles that split N and K unevenly
@@ -311,7 +310,7 @@ def test_few_rows_grouped_kernel_matches_aten_on_gpu():
     g = torch.Generator(device="cuda").manual_seed(0)
     E, H, I = 128, 2816, 704
     logits = torch.randn(256, E, device="cuda", generator=g) + torch.linspace(0, 3, E, device="cuda")
-    _, _, ends = dg.sort_pairs(logits.topk(8, -1).indices.reshape(-1), E)
+    _, ends = dg.sort_pairs(logits.topk(8, -1).indices.reshape(-1), E)
     for N, K in ((2 * I, H), (H, I)):
         x = torch.randn(2048, K, device="cuda", generator=g).bfloat16()
         w = (torch.randn(E, N, K, device="cuda", generator=g) * 0.02).bfloat16()
