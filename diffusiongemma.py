@@ -486,12 +486,17 @@ def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None
     any number of rows); out_rows [P] (optional, a permutation): grouped row r's product goes to output row
     out_rows[r]. kernel=True (FastPath on an Ampere or later GPU, Experts.few_rows_kernel): in bf16, outside
     autograd, up to FEW_ROWS rows run our Triton kernel (grouped_mm_few_rows), which streams the weights faster
-    and reads and writes rows where they are; else the rows are gathered and scattered around grouped_mm_sorted."""
+    and reads and writes rows where they are; else grouped_mm_sorted runs on the gathered rows and its products
+    are gathered back by out_rows' inverse (compiled, that gather fuses into the kernel that reads the output)."""
     P = x.shape[0] if rows is None else rows.shape[0]
     if kernel and scale is None and x.dtype == torch.bfloat16 and P <= FEW_ROWS and not torch.is_grad_enabled():
         return grouped_mm_few_rows(x, w, offsets, rows, out_rows)
     out = grouped_mm_sorted(x if rows is None else x[rows], w, offsets, scale)
-    return out if out_rows is None else out.new_empty(out.shape).index_copy(0, out_rows, out)
+    if out_rows is None:
+        return out
+    inverse = torch.empty_like(out_rows)
+    inverse[out_rows] = torch.arange(P, device=out_rows.device)  # output row i is grouped row inverse[i]
+    return out[inverse]
 
 
 def grouped_mm_sorted(x, w, offsets, scale=None):
