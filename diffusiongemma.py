@@ -967,6 +967,7 @@ class DiffusionGemma(nn.Module):
         self.self_conditioning = SelfConditioning(cfg)
         self._inv_freq = {}  # device -> {layer type: fp32 inverse frequencies}; kept out of .to(dtype)
         self.head_chunk = head_chunk  # one vocabulary chunk of the head (compile_layers swaps in a compiled one)
+        self.step_inputs = self.pass_inputs  # pass_inputs for passes of at most a canvas (compiled: compile_layers)
         # sqrt(H) rounded to each float dtype the weights may have (Python numbers: no tensor, no sync)
         self._embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt, device="cpu").item()
                              for dt in (torch.float32, torch.bfloat16, torch.float16)}
@@ -993,15 +994,34 @@ class DiffusionGemma(nn.Module):
             self.head_chunk(out[..., a:a + chunk], h, E[a:a + chunk], cap)
         return out
 
-    def rope(self, positions, dtype):
-        """positions [B, T] -> {layer type: (cos, sin)}"""
-        dev, cfg = positions.device, self.cfg
-        if dev not in self._inv_freq:
-            self._inv_freq[dev] = {
-                SLIDING: rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(dev),
+    def inv_freq(self, device):
+        """{layer type: fp32 inverse frequencies [head_dim/2]} on device (made once per device)."""
+        if device not in self._inv_freq:
+            cfg = self.cfg
+            self._inv_freq[device] = {
+                SLIDING: rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(device),
                 FULL: rope_inv_freq(cfg.global_head_dim, cfg.global_rope_theta,
-                                    cfg.global_partial_rotary_factor).to(dev)}
-        return {kind: rope_cos_sin(positions, inv, dtype) for kind, inv in self._inv_freq[dev].items()}
+                                    cfg.global_partial_rotary_factor).to(device)}
+        return self._inv_freq[device]
+
+    def pass_inputs(self, positions, cache: KVCache, valid, encoder: bool, inv_freq, B: int, dtype):
+        """What the layers of a pass at positions [T] (valid [B, T]) read besides x, per layer type: RoPE's
+        (cos, sin) [B, T, head_dim] and the attention bias [B, 1, T, S] over the keys the cache shows (every
+        layer of a type sees the same tokens). Some fifty small kernels eager; compile_layers compiles this for
+        the fast path's passes of at most a canvas (step_inputs): ~0.1 ms of an AR token on an H200 eager."""
+        cfg, T = self.cfg, positions.shape[0]
+        rope = {kind: rope_cos_sin(positions[None].expand(B, T), inv, dtype) for kind, inv in inv_freq.items()}
+        own_pos, own_valid = cache.own_keys(positions, valid)
+        masks = {}
+        for kind in dict.fromkeys(cfg.layer_types):
+            ctx_pos, ctx_valid = cache.visible(kind, positions.device, T)
+            window = cfg.sliding_window if kind == SLIDING else None
+            if not encoder and cfg.sliding_window_mode == "anchored":
+                window = None  # every canvas query sees the whole cached tail and the canvas
+            mask = attention_mask(positions, torch.cat([ctx_pos, own_pos]), torch.cat([ctx_valid, own_valid], 1),
+                                  causal=encoder, window=window, band=not encoder)
+            masks[kind] = attention_bias(mask, dtype)
+        return rope, masks
 
     def run_layers(self, x, positions, cache: KVCache, valid, encoder: bool):
         """Runs every layer over x [B, T, H] at positions [T] against the cache. The encoder attends
@@ -1009,18 +1029,11 @@ class DiffusionGemma(nn.Module):
         bidirectionally and discards them."""
         B, T, _ = x.shape
         cfg = self.cfg
-        rope = self.rope(positions[None].expand(B, T), x.dtype)
-        anchored = cfg.sliding_window_mode == "anchored"
-        own_pos, own_valid = cache.own_keys(positions, valid)
-        masks = {}  # one per layer kind: the cache shows every layer of a kind the same tokens
-        for kind in dict.fromkeys(cfg.layer_types):
-            ctx_pos, ctx_valid = cache.visible(kind, x.device, T)
-            window = cfg.sliding_window if kind == SLIDING else None
-            if not encoder and anchored:
-                window = None  # every canvas query sees the whole cached tail and the canvas
-            mask = attention_mask(positions, torch.cat([ctx_pos, own_pos]), torch.cat([ctx_valid, own_valid], 1),
-                                  causal=encoder, window=window, band=not encoder)
-            masks[kind] = attention_bias(mask, x.dtype)
+        # compiled, step_inputs runs only where it compiles once per pass: on the static cache (its length a device
+        # tensor; KVCache's is a number), not in a prefill chunk (which reads the length on the host, read_slots)
+        short = isinstance(cache, StaticKVCache) and T <= cfg.canvas_length
+        inputs = self.step_inputs if short else self.pass_inputs
+        rope, masks = inputs(positions, cache, valid, encoder, self.inv_freq(x.device), B, x.dtype)
         store = positions if encoder else None  # the encoder stores its keys/values
         for i, layer in enumerate(self.layers):
             kind = cfg.layer_types[i]
@@ -1097,7 +1110,8 @@ class DiffusionGemma(nn.Module):
         """torch.compile the elementwise-heavy parts of the model so that their many small kernels fuse:
         every layer's Layer.project (norms, RoPE) and Layer.feed_forward (norms, gates, routing, the experts'
         gather and sum), the explicit attention's masked softmax, the head's softcap (one kernel per vocabulary
-        chunk, written straight into the logits) and the self-conditioning product's softmax. Used by
+        chunk, written straight into the logits), the self-conditioning product's softmax and the fast path's
+        RoPE tables and attention masks of a step (step_inputs). Used by
         train_sudoku.py on GPU (1.8x per step for the Sudoku model on an H100) and by
         FastPath(compile_layers=True); also the parts of Layer.feed_forward_overlapped (compiled when first
         called). Each distinct shape, grad mode and encoder flag compiles once; layers of the same shape share
@@ -1123,6 +1137,7 @@ class DiffusionGemma(nn.Module):
             for part in ("add_attention", "dense", "moe", "add_feed_forward"):  # feed_forward_overlapped's parts
                 setattr(layer, part, torch.compile(getattr(layer, part), dynamic=False, mode=mode))
         self.head_chunk = torch.compile(head_chunk, dynamic=False, mode=mode)
+        self.step_inputs = torch.compile(self.pass_inputs, dynamic=False)
         self.soft_embedding = torch.compile(self.soft_embedding, dynamic=False, mode=mode)
         return self
 

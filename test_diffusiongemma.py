@@ -964,6 +964,36 @@ def test_static_cache_pads_a_pass_own_keys_to_8_slots():
     assert dg.StaticKVCache(tiny_config(canvas_length=81), 1, 64, "cpu", torch.float32).padded(81) == 81
 
 
+def test_compiled_step_inputs_match_eager_and_compile_once():
+    """compile_layers compiles a fast-path step's RoPE tables and attention biases (step_inputs): for the three
+    recorded passes (a canvas denoised and committed, an AR token), on a left-padded batch whose cache wraps the
+    sliding ring, they equal pass_inputs' eager ones, and later steps reuse the compiled code as the cache grows
+    (its length is a device tensor)."""
+    cfg = tiny_config()
+    model = DiffusionGemma(cfg).compile_layers()
+    cache = dg.StaticKVCache(cfg, 2, 128, "cpu", torch.float32)
+    C = cfg.canvas_length
+
+    def check():
+        for T, encoder in ((C, False), (C, True), (1, True)):
+            args = cache.positions(T, "cpu"), torch.ones(2, T, dtype=torch.bool), encoder, model.inv_freq("cpu")
+            (rope, masks), (rope_c, masks_c) = (f(args[0], cache, *args[1:], 2, torch.bfloat16)
+                                                for f in (model.pass_inputs, model.step_inputs))
+            for kind in masks:
+                assert torch.equal(masks_c[kind], masks[kind]) and bool((masks[kind] == 0).any()), (T, encoder)
+                for a, b in zip(rope_c[kind], rope[kind]):
+                    torch.testing.assert_close(a, b, rtol=0, atol=2 ** -7)
+
+    prompt = torch.ones(2, 60, dtype=torch.bool)
+    prompt[1, :45] = False  # the second row left-padded
+    cache.advance(prompt)
+    check()
+    cache.advance(torch.ones(2, C, dtype=torch.bool))  # a committed block: the sliding ring (64 slots) wraps
+    assert cache.host_length > cache.slots[dg.SLIDING]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        check()
+
+
 def test_fast_path_checks_its_sizes(tiny_ckpt):
     model = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu")
     fast = fast_path(model, 1, capacity=64)
