@@ -407,7 +407,7 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=Fal
 DECODE_ROWS = 16  # attend_decode: query rows per KV head (one token's G query heads), the kernel's row block
 
 
-def attend_decode(q, k, v, bias, block_n=64, programs=264, warps=4, stages=1):
+def attend_decode(q, k, v, bias, block_n=None, programs=264, warps=4, stages=2):
     """attend for one token (flash decoding): q [B, kv, R, D] with R <= DECODE_ROWS, k, v [B, kv, S, D] (views
     of the cache: the keys of a head contiguous, the heads evenly strided), bias [B, 1, 1, S] -> [B, kv, R, D].
     The keys are split into spans, about `programs` programs in all, so that the few query rows fill the GPU:
@@ -415,13 +415,15 @@ def attend_decode(q, k, v, bias, block_n=64, programs=264, warps=4, stages=1):
     writes its output and log-sum-exp per row; a second kernel weights each span's output by its share of the
     whole softmax's denominator and sums them (decode_merge_kernel). fp32 sums of the products, bf16
     probabilities times v, as the explicit path's; fp32 runs too (Triton's interpreter, the CPU test). The
-    settings: the fastest of 36 at both 26B shapes on an H200 (7.7 and 11.6 us a layer; README.md)."""
+    settings: the faster in whole AR passes on an H200; a sweep of the kernels alone, their keys and values
+    resident in L2, favoured one stage and 64 keys a block for both widths, which the passes did not (README.md)."""
     B, kv, R, D = q.shape
     S, BH = k.shape[2], B * kv
     assert R <= DECODE_ROWS and bias.shape[2] == 1
     for t in (k, v):
         assert t.stride(3) == 1 and t.stride(0) == kv * t.stride(1), "heads must be evenly strided"
     q, bias = q.contiguous(), bias.contiguous()
+    block_n = block_n or (64 if D <= 256 else 32)
     splits = max(1, min(triton.cdiv(S, block_n), programs // BH))
     span = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n  # whole key blocks per span
     splits = triton.cdiv(S, span)
