@@ -309,6 +309,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.eps = cfg.rms_norm_eps
         self.softmax = masked_softmax  # the explicit attention's softmax (compile_layers swaps in a fused one)
+        self.decode_kernel = False  # an AR token's attention by attend_decode (FastPath sets it on a GPU)
         self.register_buffer("fused", None, persistent=False)  # q, k (, v) weights in one tensor: fuse_linears
 
     def forward(self, q, k, v, keys_values, mask):
@@ -323,7 +324,7 @@ class Attention(nn.Module):
         # rows of that head (SDPA's fused kernels take no enable_gqa, and the 512-wide heads fit only one)
         G = self.heads // self.kv_heads
         q = q.reshape(B, self.kv_heads, G * T, self.head_dim)
-        return self.output(attend(q, k_all, v_all, mask, self.softmax), T)
+        return self.output(attend(q, k_all, v_all, mask, self.softmax, kernel=self.decode_kernel), T)
 
     def output(self, y, T):
         """The heads' outputs y [B, kv, G*T, D] (G query heads of T rows per KV head) -> o_proj of their
@@ -365,14 +366,16 @@ def masked_softmax(scores, bias, dtype):
 PREFILL_ROWS = 2048  # attend(): more query rows than this (G heads x T tokens) make a pass a prefill chunk
 
 
-def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28):
+def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=False):
     """softmax(q k^T + bias) v per KV head, scale 1.0 (q and k are RMS-normalised per head):
     q [B, kv, R, D] (R = G*T query rows: G query heads of T tokens each), k, v [B, kv, S, D], bias [B, 1, T, S]
     (0 or -inf, shared by the G heads) -> [B, kv, R, D].
     SDPA's fused kernels spread only query rows over the GPU: with the few rows of a denoising step, a
     commit or an AR token they leave most of it idle (one AR query row: a handful of blocks walk all the
     keys). There, outside autograd, explicit matmuls run instead, with fp32 scores like the fused kernels,
-    a few query heads at a time so that each product's scores stay under max_scores (256M: 1 GiB)."""
+    a few query heads at a time so that each product's scores stay under max_scores (256M: 1 GiB).
+    kernel=True (FastPath on an Ampere or later GPU, Attention.decode_kernel): one token's attention in bf16 (at
+    most DECODE_ROWS query rows per KV head) runs attend_decode instead, two Triton kernels in place of three."""
     B, kv, R, D = q.shape
     T, S = bias.shape[2], k.shape[2]
     G = R // T
@@ -386,6 +389,8 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     if long:  # a prefill chunk: its key count grows chunk by chunk, and the compiled softmax would recompile
         softmax = masked_softmax
+    elif kernel and T == 1 and R <= DECODE_ROWS and q.dtype != torch.float32:
+        return attend_decode(q, k, v, bias)
     k, v = k.flatten(0, 1), v.flatten(0, 1)
     out = []
     for qs in q.split(heads_per_product * T, dim=2):  # [B, kv, g*T, D]: g whole query heads
@@ -397,6 +402,102 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28):
         probs = softmax(scores.view(B, kv, -1, S), bias, v.dtype)
         out.append(torch.bmm(probs.flatten(0, 1), v).view(B, kv, -1, D))
     return out[0] if len(out) == 1 else torch.cat(out, 2)
+
+
+DECODE_ROWS = 16  # attend_decode: query rows per KV head (one token's G query heads), the kernel's row block
+
+
+def attend_decode(q, k, v, bias, block_n=None, programs=264, warps=4, stages=2):
+    """attend for one token (flash decoding): q [B, kv, R, D] with R <= DECODE_ROWS, k, v [B, kv, S, D] (views
+    of the cache: the keys of a head contiguous, the heads evenly strided), bias [B, 1, 1, S] -> [B, kv, R, D].
+    The keys are split into spans, about `programs` programs in all, so that the few query rows fill the GPU:
+    each program runs an online softmax of its rows over its span's keys in registers (decode_span_kernel) and
+    writes its output and log-sum-exp per row; a second kernel weights each span's output by its share of the
+    whole softmax's denominator and sums them (decode_merge_kernel). fp32 sums of the products, bf16
+    probabilities times v, as the explicit path's; fp32 runs too (Triton's interpreter, the CPU test). The
+    settings: the faster in whole AR passes on an H200; a sweep of the kernels alone, their keys and values
+    resident in L2, favoured one stage and 64 keys a block for both widths, which the passes did not (README.md)."""
+    B, kv, R, D = q.shape
+    S, BH = k.shape[2], B * kv
+    assert R <= DECODE_ROWS and bias.shape[2] == 1
+    for t in (k, v):
+        assert t.stride(3) == 1 and t.stride(0) == kv * t.stride(1), "heads must be evenly strided"
+    q, bias = q.contiguous(), bias.contiguous()
+    block_n = block_n or (64 if D <= 256 else 32)
+    splits = max(1, min(triton.cdiv(S, block_n), programs // BH))
+    span = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n  # whole key blocks per span
+    splits = triton.cdiv(S, span)
+    part = torch.empty(splits, BH, R, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(splits, BH, R, dtype=torch.float32, device=q.device)
+    BLOCK_D = triton.next_power_of_2(D)
+    decode_span_kernel[(BH, splits)](q, k, v, bias, part, lse, R, S, span, kv, D, k.stride(1), k.stride(2),
+                                     v.stride(1), v.stride(2), BLOCK_M=DECODE_ROWS, BLOCK_N=block_n,
+                                     BLOCK_D=BLOCK_D, num_warps=warps, num_stages=stages)
+    out = torch.empty(B, kv, R, D, dtype=q.dtype, device=q.device)
+    block_dm = min(BLOCK_D, 64)
+    decode_merge_kernel[(BH * R, triton.cdiv(D, block_dm))](part, lse, out, splits, BH * R, D,
+                                                            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_dm)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def decode_span_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, part_ptr, lse_ptr, R, S, SPAN, KV, D,
+                           k_head, k_key, v_head, v_key,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """For head group bh (= b * KV + KV head) and span s of the keys: part[s, bh, r] = softmax over the span's
+        keys of (q[bh, r] . k[bh, key] + bias[b, key]) times v[bh, key], lse[s, bh, r] = the log of that softmax's
+        denominator (-inf where the span shows no key). q [BH, R, D], bias [B, S], part [splits, BH, R, D] (fp32),
+        lse [splits, BH, R]; k, v: key n of head bh at bh * head + n * key."""
+        bh, s = tl.program_id(0), tl.program_id(1)
+        BH = tl.num_programs(0)
+        r = tl.arange(0, BLOCK_M)                                               # query rows (R of them real)
+        d = tl.arange(0, BLOCK_D)
+        r_ok, d_ok = r < R, d < D
+        q = tl.load(q_ptr + (bh * R + r[:, None]) * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)               # running maximum per row
+        l = tl.zeros((BLOCK_M,), dtype=tl.float32)                              # running sum of exp
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        lo = s * SPAN
+        hi = tl.minimum(lo + SPAN, S)
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)                                      # [BLOCK_N] keys
+            n_ok = n < hi
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            key = tl.load(k_ptr + bh * k_head + n[:, None] * k_key + d[None, :], mask=kv_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(key))                                   # [BLOCK_M, BLOCK_N], fp32
+            bias = tl.load(bias_ptr + (bh // KV) * S + n, mask=n_ok, other=float("-inf")).to(tl.float32)
+            scores += bias[None, :]
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)               # no key yet: exp(-inf) = 0
+            p = tl.exp(scores - m_use[:, None])
+            alpha = tl.exp(m - m_use)
+            l = l * alpha + tl.sum(p, axis=1)
+            value = tl.load(v_ptr + bh * v_head + n[:, None] * v_key + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value)
+            m = m_new
+        seen = l > 0
+        part = acc / tl.where(seen, l, 1.0)[:, None]
+        tl.store(part_ptr + ((s * BH + bh) * R + r[:, None]) * D + d[None, :], part,
+                 mask=r_ok[:, None] & d_ok[None, :])
+        lse = tl.where(seen, tl.where(m == float("-inf"), 0.0, m) + tl.log(l), float("-inf"))
+        tl.store(lse_ptr + (s * BH + bh) * R + r, lse, mask=r_ok)
+
+    @triton.jit
+    def decode_merge_kernel(part_ptr, lse_ptr, out_ptr, SPLITS, ROWS, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[row, d] = sum over spans s of part[s, row, d] * exp(lse[s, row] - logsumexp_s lse[s, row]) for
+        BLOCK_D columns d; part [SPLITS, ROWS, D] (fp32), lse [SPLITS, ROWS], out [ROWS, D] (q's dtype)."""
+        row, j = tl.program_id(0), tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        d = j * BLOCK_D + tl.arange(0, BLOCK_D)
+        s_ok, d_ok = s < SPLITS, d < D
+        lse = tl.load(lse_ptr + s * ROWS + row, mask=s_ok, other=float("-inf"))
+        share = tl.exp(lse - tl.max(lse, axis=0))  # every row sees one key at least (itself): max is finite
+        share = share / tl.sum(share, axis=0)
+        part = tl.load(part_ptr + (s[:, None] * ROWS + row) * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                       other=0.0)
+        out = tl.sum(part * share[:, None], axis=0)
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def softcap(logits, cap):
@@ -1748,7 +1849,7 @@ class FastPath:
         # a canvas's experts by our Triton kernel (grouped_mm_few_rows); its bf16 products need an Ampere or later GPU
         kernel = cuda and triton is not None and torch.cuda.get_device_capability(self.device) >= (8, 0)
         for layer in model.layers:
-            layer.experts.few_rows_kernel = kernel
+            layer.experts.few_rows_kernel = layer.self_attn.decode_kernel = kernel
         self.cache = StaticKVCache(cfg, batch_size, -(-capacity // 64) * 64, self.device, self.dtype)
         self.graphs, self.recorded = graphs and cuda, {}
         self.prefill_chunk, self.vocab_chunk, self.sampler_rows = prefill_chunk, vocab_chunk, sampler_rows

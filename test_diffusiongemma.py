@@ -325,6 +325,65 @@ def test_few_rows_grouped_kernel_matches_aten_on_gpu():
     assert all(layer.experts.few_rows_kernel == ampere for layer in model.layers)
 
 
+DECODE_CHECK = """
+import torch, diffusiongemma as dg
+g = torch.Generator().manual_seed(0)
+B, kv, R, S, D = 2, 2, 3, 150, 48  # 3 query heads per KV head; keys that the blocks do not divide; a head 48 wide
+q = torch.randn(B, kv, R, D, generator=g)
+cache = torch.randn(2, B, kv, S + 10, D, generator=g)  # keys and values as the static cache holds them
+k, v = cache[0, :, :, :S], cache[1, :, :, :S]             # views: a head's keys contiguous, heads strided
+mask = torch.rand(B, 1, 1, S, generator=g) > 0.5
+mask[..., :100] = False     # no key in the first spans
+mask[..., 120] = True       # every row sees a key
+bias = dg.attention_bias(mask, torch.float32)
+want = dg.attend(q, k, v, bias)  # the explicit matmuls
+for block_n, programs in ((None, 264), (32, 1), (16, 40)):  # many spans; one; several with whole blocks each
+    got = dg.attend_decode(q, k, v, bias, block_n, programs)
+    print(((got - want).abs().max() / want.abs().max()).item())
+"""
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETS, reason="needs Triton >= 3.7 for its CPU interpreter (torch's CUDA wheels "
+                                                 "bring it; .ci/run installs 3.9.0)")
+def test_decode_attention_kernels_match_explicit_in_triton_interpreter():
+    """attend_decode, an AR token's attention as two Triton kernels (spans of keys, then their merge), run by
+    Triton's CPU interpreter in fp32, computes attend's explicit attention: query heads sharing a KV head, keys and
+    values read in place from a cache-like buffer, key counts that the blocks do not divide, one span or several,
+    and spans in which no key is visible."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", DECODE_CHECK], cwd=HERE, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = [float(line) for line in run.stdout.split()]
+    assert len(errors) == 3 and max(errors) < 1e-5, errors
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
+def test_decode_attention_kernels_match_explicit_on_gpu():
+    """On the GPU in bf16, attend(kernel=True) (which picks attend_decode for one token) gives the explicit
+    matmuls' attention up to bf16 rounding at the 26B shapes of an AR token against a static cache: sliding
+    layers (8 KV heads, 2 query heads each, 256 wide, a ring of 1,280 slots and 8 tail slots) and full layers
+    (2 KV heads, 8 query heads each, 512 wide, 4,608 slots, half of them empty); FastPath sets the flag."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for kv, R, S, D, seen in ((8, 2, 1288, 256, 1288), (2, 8, 4616, 512, 2304)):
+        q = torch.randn(1, kv, R, D, device="cuda", generator=g).bfloat16()
+        cache = torch.randn(2, 1, kv, S + 248, D, device="cuda", generator=g).bfloat16()
+        k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+        mask = torch.zeros(1, 1, 1, S, dtype=torch.bool, device="cuda")
+        mask[..., :seen] = True
+        mask[..., -8:] = False
+        mask[..., -8] = True  # the token's own key in the tail
+        bias = dg.attention_bias(mask, torch.bfloat16)
+        with torch.no_grad():
+            want = dg.attend(q, k, v, bias).float()
+            got = dg.attend(q, k, v, bias, kernel=True).float()
+        assert ((got - want).norm() / want.norm()).item() < 1e-2, (kv, D)
+    model = randomise_(DiffusionGemma(tiny_config())).to("cuda", torch.bfloat16)
+    assert not model.layers[0].self_attn.decode_kernel
+    dg.FastPath(model, capacity=64)
+    ampere = torch.cuda.get_device_capability() >= (8, 0)
+    assert all(layer.self_attn.decode_kernel == ampere for layer in model.layers)
+
+
 def test_explicit_attention_matches_sdpa():
     """attend's explicit matmuls (few query rows, or heads wider than 256; no autograd: the fast path) compute
     SDPA's attention, masked, at scale 1, with one mask shared by the G query heads of a KV head, also when
