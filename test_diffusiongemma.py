@@ -268,6 +268,19 @@ try:
 except ImportError:
     HAVE_TRITON = TRITON_INTERPRETS = False
 
+needs_triton_interpreter = pytest.mark.skipif(
+    not TRITON_INTERPRETS, reason="needs Triton >= 3.7 for its CPU interpreter (torch's CUDA wheels bring it; "
+                                  ".ci/run installs 3.9.0)")
+
+
+def interpreted(script):
+    """Runs a kernel check in a fresh process under Triton's CPU interpreter -> the numbers it prints."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", script], cwd=HERE, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return [float(line) for line in run.stdout.split()]
+
+
 FEW_ROWS_CHECK = """
 import torch, diffusiongemma as dg
 g = torch.Generator().manual_seed(0)
@@ -288,17 +301,13 @@ print(((got - want).abs().max() / want.abs().max()).item())
 """
 
 
-@pytest.mark.skipif(not TRITON_INTERPRETS, reason="needs Triton >= 3.7 for its CPU interpreter (torch's CUDA wheels "
-                                                 "bring it; .ci/run installs 3.9.0)")
+@needs_triton_interpreter
 def test_few_rows_grouped_kernel_matches_aten_in_triton_interpreter():
     """grouped_mm_few_rows, the Triton kernel of the denoising step's experts, run by Triton's CPU interpreter in
     fp32 (the interpreter's bf16 products are wrong), computes torch._grouped_mm: experts without rows, an
     expert with more rows than a tile, output and input sizes that the tiles do not divide, and rows read and
     written by index (rows, out_rows)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-c", FEW_ROWS_CHECK], cwd=HERE, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    errors = [float(line) for line in run.stdout.split()]
+    errors = interpreted(FEW_ROWS_CHECK)
     assert len(errors) == 3 and max(errors) < 1e-5, errors
 
 
@@ -343,17 +352,13 @@ for block_n, programs in ((None, 264), (32, 1), (16, 40)):  # many spans; one; s
 """
 
 
-@pytest.mark.skipif(not TRITON_INTERPRETS, reason="needs Triton >= 3.7 for its CPU interpreter (torch's CUDA wheels "
-                                                 "bring it; .ci/run installs 3.9.0)")
+@needs_triton_interpreter
 def test_decode_attention_kernels_match_explicit_in_triton_interpreter():
     """attend_decode, an AR token's attention as two Triton kernels (spans of keys, then their merge), run by
     Triton's CPU interpreter in fp32, computes attend's explicit attention: query heads sharing a KV head, keys and
     values read in place from a cache-like buffer, key counts that the blocks do not divide, one span or several,
     and spans in which no key is visible."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-c", DECODE_CHECK], cwd=HERE, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    errors = [float(line) for line in run.stdout.split()]
+    errors = interpreted(DECODE_CHECK)
     assert len(errors) == 3 and max(errors) < 1e-5, errors
 
 
