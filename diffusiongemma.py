@@ -1561,20 +1561,22 @@ def sampler_kernels(logits, t, q, sc_dtype, chunk=SAMPLER_CHUNK, warps=8):
     (sampler_stats_kernel) writes the scaled logits in sc_dtype and, per chunk, the max, the sum of exp and
     the chunk's argmax; the second (sampler_draw_kernel) combines a row's chunks into the softmax's max and
     sum, writes the entropy and the argmax, and takes each chunk's best softmax / q; the best chunk's is the
-    sample. The draws are sampler_math's wherever the softmax rounds as F.softmax's does (its sum is added in
-    another order). logits, q [N, V] fp32; t a float."""
+    sample. The logits are scaled as CUDA's torch scales them (logits / t runs as logits * (1 / t), in fp32);
+    the draws are then sampler_math's on the GPU wherever the softmax rounds as F.softmax's does (its sum is added
+    in another order). logits, q [N, V] fp32; t a float."""
     N, V = logits.shape
+    inv_t = (torch.ones((), dtype=torch.float32) / t).item()  # fp32's 1 / t, exact as a Python float
     logits, q = logits.contiguous(), q.contiguous()
     S = triton.cdiv(V, chunk)
     sc = torch.empty(N, V, dtype=sc_dtype, device=logits.device)
     stats = torch.empty(3, N, S, dtype=torch.float32, device=logits.device)  # max, sum exp(x - max), sum of * (x - max)
     top = torch.empty(N, S, dtype=torch.int32, device=logits.device)         # each chunk's argmax
-    sampler_stats_kernel[(N, S)](logits, sc, stats, top, t, V, CHUNK=chunk, num_warps=warps)
+    sampler_stats_kernel[(N, S)](logits, sc, stats, top, inv_t, V, CHUNK=chunk, num_warps=warps)
     ent = torch.empty(N, dtype=torch.float32, device=logits.device)
     argmax = torch.empty(N, dtype=torch.int32, device=logits.device)
     best = torch.empty(N, S, dtype=torch.float32, device=logits.device)      # each chunk's max of softmax / q
     best_at = torch.empty(N, S, dtype=torch.int32, device=logits.device)
-    sampler_draw_kernel[(N, S)](logits, q, stats, top, ent, argmax, best, best_at, t, V, S, CHUNK=chunk,
+    sampler_draw_kernel[(N, S)](logits, q, stats, top, ent, argmax, best, best_at, inv_t, V, S, CHUNK=chunk,
                                 BLOCK_S=triton.next_power_of_2(S), num_warps=warps)
     sample = best_at.gather(1, best.argmax(1, keepdim=True))[:, 0]  # the first chunk of the largest (as argmax)
     return sample.long(), argmax.long(), ent, sc
@@ -1582,8 +1584,8 @@ def sampler_kernels(logits, t, q, sc_dtype, chunk=SAMPLER_CHUNK, warps=8):
 
 if triton is not None:
     @triton.jit
-    def sampler_stats_kernel(logits_ptr, sc_ptr, stats_ptr, top_ptr, t, V, CHUNK: tl.constexpr):
-        """Program (row, c), for the chunk of x = logits[row] / t from column c * CHUNK: writes x to sc (its
+    def sampler_stats_kernel(logits_ptr, sc_ptr, stats_ptr, top_ptr, inv_t, V, CHUNK: tl.constexpr):
+        """Program (row, c), for the chunk of x = logits[row] * inv_t from column c * CHUNK: writes x to sc (its
         dtype) and stats[:, row, c] = (m = max x, sum exp(x - m), sum exp(x - m) * (x - m)), top[row, c] = the
         column of the chunk's first max. logits, sc [N, V]; stats [3, N, S]; top [N, S]."""
         row, c = tl.program_id(0), tl.program_id(1)
@@ -1591,7 +1593,7 @@ if triton is not None:
         col = c * CHUNK + tl.arange(0, CHUNK)
         ok = col < V
         at = row.to(tl.int64) * V + col
-        x = tl.math.div_rn(tl.load(logits_ptr + at, mask=ok, other=float("-inf")), t)  # IEEE, as torch divides
+        x = tl.load(logits_ptr + at, mask=ok, other=float("-inf")) * inv_t
         tl.store(sc_ptr + at, x.to(sc_ptr.dtype.element_ty), mask=ok)
         m = tl.max(x, axis=0)
         e = tl.exp(x - m)
@@ -1602,7 +1604,7 @@ if triton is not None:
         tl.store(top_ptr + row * S + c, c * CHUNK + tl.argmax(x, axis=0))
 
     @triton.jit
-    def sampler_draw_kernel(logits_ptr, q_ptr, stats_ptr, top_ptr, ent_ptr, argmax_ptr, best_ptr, best_at_ptr, t,
+    def sampler_draw_kernel(logits_ptr, q_ptr, stats_ptr, top_ptr, ent_ptr, argmax_ptr, best_ptr, best_at_ptr, inv_t,
                             V, S, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
         """Program (row, c): the row's softmax max M and sum s from all S chunks' stats; program c = 0 writes the
         row's entropy (log s - sum exp(x - M) (x - M) / s) and argmax (the first chunk holding M); then, over
@@ -1625,7 +1627,7 @@ if triton is not None:
         col = c * CHUNK + tl.arange(0, CHUNK)
         ok = col < V
         at = row.to(tl.int64) * V + col
-        x = tl.math.div_rn(tl.load(logits_ptr + at, mask=ok, other=0.0), t)
+        x = tl.load(logits_ptr + at, mask=ok, other=0.0) * inv_t
         p = tl.exp(x - M) / s / tl.load(q_ptr + at, mask=ok, other=1.0)
         p = tl.where(ok, p, -1.0)
         tl.store(best_ptr + row * S + c, tl.max(p, axis=0))

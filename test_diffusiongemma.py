@@ -863,7 +863,8 @@ logits = torch.randn(40, 300, generator=g) * 6
 logits[:5, 7] += 60      # nearly one-hot rows: entropies near 0
 logits[5, 250:] = 40     # a row whose largest logit repeats in two chunks: the first is its argmax
 q = torch.empty_like(logits).exponential_(generator=g)
-ref = dg.sampler_math(logits, 0.7, q, torch.float32)
+inv_t = (torch.ones(()) / 0.7).item()  # the kernels scale by fp32's 1 / t, as CUDA's torch divides by a number
+ref = dg.sampler_math(logits * inv_t, 1.0, q, torch.float32)
 for chunk in (128, 64, 512):  # three chunks (the last ragged); five; one
     got = dg.sampler_kernels(logits, 0.7, q, torch.float32, chunk, warps=4)
     same = [torch.equal(a, b) for a, b in zip(ref[:2] + ref[3:], got[:2] + got[3:])]
@@ -876,7 +877,8 @@ print(ref[1][5].item(), ref[2][:5].max().item())
 def test_sampler_kernels_agree_with_sampler_math_in_triton_interpreter():
     """sampler_kernels (the fast path's sampler on a GPU: two Triton kernels over chunks of the vocabulary), run
     by Triton's CPU interpreter in fp32 (its bf16 casts truncate), gives sampler_math's draws, argmax and scaled
-    logits exactly and its entropy to rounding: vocabularies of one chunk, several, and a ragged last one."""
+    logits exactly and its entropy to rounding (scaling as CUDA does, by 1 / t): vocabularies of one chunk,
+    several, and a ragged last one."""
     *runs, (first_max, confident) = zip(*[iter(interpreted(SAMPLER_CHECK))] * 2)
     assert [same for same, _ in runs] == [1, 1, 1] and max(err for _, err in runs) < 1e-5, runs
     assert first_max == 250 and confident < 1e-3
