@@ -1552,27 +1552,93 @@ def sampler_math(logits, t, q, sc_dtype):
     return sample, scaled.argmax(-1), entropy(scaled), scaled.to(sc_dtype)
 
 
-def sampler_math_shared(logits, t, q, sc_dtype):
-    """sampler_math for torch.compile (the fast path's compiled sampler): the softmax's max and sum written out,
-    so that the entropy reuses them. Compiled, it makes three passes over the logits instead of five (inductor
-    does not share the max and sum of F.softmax and F.log_softmax): 0.70 against 1.25 ms per step with the
-    exponential draw on an H100 (canvas 256, vocabulary 262,144; README.md). Its draws are sampler_math's
-    wherever e / s rounds as F.softmax does (compiled, both give the same kernels for it; a test checks that
-    the two agree)."""
-    scaled = logits / t
-    shifted = scaled - scaled.amax(-1, keepdim=True)
-    e = shifted.exp()
-    s = e.sum(-1, keepdim=True)
-    sample = (e / s / q).argmax(-1)                                 # softmax / q, as sampler_math
-    ent = s[..., 0].log() - (e * shifted).sum(-1) / s[..., 0]      # -sum p log p, p = e / s
-    return sample, scaled.argmax(-1), ent, scaled.to(sc_dtype)
+SAMPLER_CHUNK = 8192  # sampler_kernels: vocabulary entries per program (a 262k vocabulary: 32 per row)
+
+
+def sampler_kernels(logits, t, q, sc_dtype, chunk=SAMPLER_CHUNK, warps=8):
+    """sampler_math as two Triton kernels (the fast path's sampler on a GPU): two passes over the logits,
+    each split into chunks of the vocabulary so that a few hundred rows fill the GPU. The first
+    (sampler_stats_kernel) writes the scaled logits in sc_dtype and, per chunk, the max, the sum of exp and
+    the chunk's argmax; the second (sampler_draw_kernel) combines a row's chunks into the softmax's max and
+    sum, writes the entropy and the argmax, and takes each chunk's best softmax / q; the best chunk's is the
+    sample. The logits are scaled as CUDA's torch scales them (logits / t runs as logits * (1 / t), in fp32);
+    the draws are then sampler_math's on the GPU wherever the softmax rounds as F.softmax's does (its sum is added
+    in another order). logits, q [N, V] fp32; t a float."""
+    N, V = logits.shape
+    inv_t = (torch.ones((), dtype=torch.float32) / t).item()  # fp32's 1 / t, exact as a Python float
+    logits, q = logits.contiguous(), q.contiguous()
+    S = triton.cdiv(V, chunk)
+    sc = torch.empty(N, V, dtype=sc_dtype, device=logits.device)
+    stats = torch.empty(3, N, S, dtype=torch.float32, device=logits.device)  # max, sum exp(x - max), sum of * (x - max)
+    top = torch.empty(N, S, dtype=torch.int32, device=logits.device)         # each chunk's argmax
+    sampler_stats_kernel[(N, S)](logits, sc, stats, top, inv_t, V, CHUNK=chunk, num_warps=warps)
+    ent = torch.empty(N, dtype=torch.float32, device=logits.device)
+    argmax = torch.empty(N, dtype=torch.int32, device=logits.device)
+    best = torch.empty(N, S, dtype=torch.float32, device=logits.device)      # each chunk's max of softmax / q
+    best_at = torch.empty(N, S, dtype=torch.int32, device=logits.device)
+    sampler_draw_kernel[(N, S)](logits, q, stats, top, ent, argmax, best, best_at, inv_t, V, S, CHUNK=chunk,
+                                BLOCK_S=triton.next_power_of_2(S), num_warps=warps)
+    sample = best_at.gather(1, best.argmax(1, keepdim=True))[:, 0]  # the first chunk of the largest (as argmax)
+    return sample.long(), argmax.long(), ent, sc
+
+
+if triton is not None:
+    @triton.jit
+    def sampler_stats_kernel(logits_ptr, sc_ptr, stats_ptr, top_ptr, inv_t, V, CHUNK: tl.constexpr):
+        """Program (row, c), for the chunk of x = logits[row] * inv_t from column c * CHUNK: writes x to sc (its
+        dtype) and stats[:, row, c] = (m = max x, sum exp(x - m), sum exp(x - m) * (x - m)), top[row, c] = the
+        column of the chunk's first max. logits, sc [N, V]; stats [3, N, S]; top [N, S]."""
+        row, c = tl.program_id(0), tl.program_id(1)
+        N, S = tl.num_programs(0), tl.num_programs(1)
+        col = c * CHUNK + tl.arange(0, CHUNK)
+        ok = col < V
+        at = row.to(tl.int64) * V + col
+        x = tl.load(logits_ptr + at, mask=ok, other=float("-inf")) * inv_t
+        tl.store(sc_ptr + at, x.to(sc_ptr.dtype.element_ty), mask=ok)
+        m = tl.max(x, axis=0)
+        e = tl.exp(x - m)
+        out = stats_ptr + row * S + c
+        tl.store(out, m)
+        tl.store(out + N * S, tl.sum(e, axis=0))
+        tl.store(out + 2 * N * S, tl.sum(tl.where(ok, e * (x - m), 0.0), axis=0))
+        tl.store(top_ptr + row * S + c, c * CHUNK + tl.argmax(x, axis=0))
+
+    @triton.jit
+    def sampler_draw_kernel(logits_ptr, q_ptr, stats_ptr, top_ptr, ent_ptr, argmax_ptr, best_ptr, best_at_ptr, inv_t,
+                            V, S, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Program (row, c): the row's softmax max M and sum s from all S chunks' stats; program c = 0 writes the
+        row's entropy (log s - sum exp(x - M) (x - M) / s) and argmax (the first chunk holding M); then, over
+        this chunk, best[row, c] = max of p = exp(x - M) / s / q (the softmax over q, as sampler_math divides),
+        best_at[row, c] its first column. q [N, V] ~ Exp(1); the other arguments as sampler_stats_kernel's."""
+        row, c = tl.program_id(0), tl.program_id(1)
+        N = tl.num_programs(0)
+        j = tl.arange(0, BLOCK_S)
+        j_ok = j < S
+        m = tl.load(stats_ptr + row * S + j, mask=j_ok, other=float("-inf"))      # [BLOCK_S] chunk maxima
+        M = tl.max(m, axis=0)
+        share = tl.exp(m - M)                                                      # 0 for the padding
+        s = tl.sum(share * tl.load(stats_ptr + (N + row) * S + j, mask=j_ok, other=0.0), axis=0)
+        if c == 0:
+            sums = tl.load(stats_ptr + (N + row) * S + j, mask=j_ok, other=0.0)
+            prods = tl.load(stats_ptr + (2 * N + row) * S + j, mask=j_ok, other=0.0)
+            weighted = tl.where(j_ok, share * (prods + (m - M) * sums), 0.0)        # sum exp(x - M) (x - M)
+            tl.store(ent_ptr + row, tl.log(s) - tl.sum(weighted, axis=0) / s)
+            tl.store(argmax_ptr + row, tl.load(top_ptr + row * S + tl.argmax(m, axis=0)))
+        col = c * CHUNK + tl.arange(0, CHUNK)
+        ok = col < V
+        at = row.to(tl.int64) * V + col
+        x = tl.load(logits_ptr + at, mask=ok, other=0.0) * inv_t
+        p = tl.exp(x - M) / s / tl.load(q_ptr + at, mask=ok, other=1.0)
+        p = tl.where(ok, p, -1.0)
+        tl.store(best_ptr + row * S + c, tl.max(p, axis=0))
+        tl.store(best_at_ptr + row * S + c, c * CHUNK + tl.argmax(p, axis=0))
 
 
 def sample_logits(logits, t, generator, sc_dtype, rows=None, fn=sampler_math):
     """logits [B, C, V] -> (sample, argmax, entropy) [B, C] and the scaled logits [B, C, V] in sc_dtype.
     The random draw is torch.multinomial's (one call over all B*C rows, in transformers' order); the rest
     runs `rows` positions at a time when given, so fp32 temporaries stay [rows, V]. fn: sampler_math, or the
-    fast path's compiled sampler_math_shared."""
+    fast path's sampler_kernels."""
     B, C, V = logits.shape
     flat = logits.reshape(B * C, V)
     q = torch.empty_like(flat).exponential_(generator=generator)
@@ -1829,14 +1895,14 @@ class FastPath:
         sampler_rows positions at a time: fp32 temporaries stay a few [chunk or rows, V].
     The modules and the math are the plain path's; tests check that both give the same tokens. Build it
     once the model has its final device and dtype: the recorded graphs hold the weights' addresses.
-    compile_sampler (CUDA): sampler_math_shared compiled, three passes over the logits (same random draws;
-    roundings may differ in the last bit). compile_layers (bf16 weights):
+    sampler_kernel (CUDA with Triton): the sampler as sampler_kernels, two passes over the logits (the same
+    random draws; roundings may differ in the last bit). compile_layers (bf16 weights):
     model.compile_layers(autotune), so that the recorded passes replay fused kernels, and the prefill's full
     chunks run them too (README.md has the figures at the 26B shape). timing: time every pass with CUDA
     events."""
 
     def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=2048, vocab_chunk=32768,
-                 sampler_rows=None, compile_sampler=False, compile_layers=False, autotune=False, timing=False):
+                 sampler_rows=None, sampler_kernel=False, compile_layers=False, autotune=False, timing=False):
         cfg, w = model.cfg, model.embed_tokens.weight
         self.model, self.device, self.dtype = model, w.device, w.dtype
         model.set_experts_impl("grouped")
@@ -1853,7 +1919,7 @@ class FastPath:
         self.cache = StaticKVCache(cfg, batch_size, -(-capacity // 64) * 64, self.device, self.dtype)
         self.graphs, self.recorded = graphs and cuda, {}
         self.prefill_chunk, self.vocab_chunk, self.sampler_rows = prefill_chunk, vocab_chunk, sampler_rows
-        self.sampler = torch.compile(sampler_math_shared, dynamic=False) if compile_sampler and cuda else sampler_math
+        self.sampler = sampler_kernels if sampler_kernel and cuda and triton is not None else sampler_math
         self.compiled_layers = compile_layers
         if compile_layers:
             if self.dtype != torch.bfloat16:
@@ -1923,13 +1989,6 @@ class FastPath:
 
     def sample(self, logits, t, generator, sc_dtype):
         """sample_logits with this path's row chunk and sampler."""
-        if self.sampler is not sampler_math:
-            t = torch.full((), t, device=logits.device)  # a tensor: compiled code is specialised on numbers
-            try:
-                return sample_logits(logits, t, generator, sc_dtype, self.sampler_rows, self.sampler)
-            except Exception as e:  # noqa: BLE001 - torch.compile can fail in many ways; the eager sampler is right
-                print(f"warning: the compiled sampler failed ({type(e).__name__}); sampling eagerly")
-                self.sampler = sampler_math
         return sample_logits(logits, t, generator, sc_dtype, self.sampler_rows, self.sampler)
 
     def _run(self, name, fn):

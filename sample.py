@@ -56,8 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128, help="random prompt length for --random-weights")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
                    help="the fast path: static KV cache, grouped experts, CUDA graphs (default: on with CUDA)")
-    p.add_argument("--compile-sampler", action=argparse.BooleanOptionalAction, default=None,
-                   help="fast path: fuse the sampler's passes over the logits with torch.compile "
+    p.add_argument("--sampler-kernel", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast path: run the sampler as two Triton kernels, two passes over the logits "
                         "(default: on with CUDA)")
     p.add_argument("--compile-layers", action="store_true",
                    help="fast path: torch.compile the layers' norms, RoPE, gates and routing (fewer, fused kernels; "
@@ -142,7 +142,7 @@ def benchmark(args, model, run, fast, device, T):
     print(f"benchmark: {torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | "
           f"weights {weight_bytes_per_pass(model, 10**9) / 1e9:.1f} GB | batch {B} | prompt {T} | "
           f"fast path {'with' if fast.graphs else 'without'} CUDA graphs, "
-          f"{'compiled' if fast.sampler is not dg.sampler_math else 'eager'} sampler, "
+          f"{'Triton' if fast.sampler is dg.sampler_kernels else 'eager'} sampler, "
           f"{'compiled' if fast.compiled_layers else 'eager'} layers{' (autotuned)' if args.autotune else ''}, "
           f"{'fp8 experts' if args.fp8 else 'bf16 experts'}"
           f"{' (a canvas: our Triton kernel)' if model.layers[0].experts.few_rows_kernel and not args.fp8 else ''}")
@@ -264,7 +264,7 @@ def main(argv=None):
         blocks = -(-gen.max_new_tokens // cfg.canvas_length)
         new = gen.max_new_tokens if args.mode == "ar" else blocks * cfg.canvas_length
         fast = dg.FastPath(model, batch_size=args.batch, capacity=len(ids) + new, timing=args.benchmark,
-                           compile_sampler=args.compile_sampler is not False, compile_layers=args.compile_layers,
+                           sampler_kernel=args.sampler_kernel is not False, compile_layers=args.compile_layers,
                            autotune=args.autotune)
 
     def run():

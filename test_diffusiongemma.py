@@ -856,18 +856,50 @@ def test_sampler_draws_like_multinomial():
         assert torch.equal(sc, logits / 0.7)
 
 
-def test_shared_sampler_agrees_with_sampler_math():
-    """sampler_math_shared (the fast path's compiled sampler, its softmax's max and sum shared with the
-    entropy) gives sampler_math's draws, argmax and self-conditioning logits, and its entropy to rounding."""
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randn(40, 300, generator=g) * 6
-    logits[:5, 7] += 60  # nearly one-hot rows: entropies near 0
+SAMPLER_CHECK = """
+import torch, diffusiongemma as dg
+g = torch.Generator().manual_seed(3)
+logits = torch.randn(40, 300, generator=g) * 6
+logits[:5, 7] += 60      # nearly one-hot rows: entropies near 0
+logits[5, 250:] = 40     # a row whose largest logit repeats in two chunks: the first is its argmax
+q = torch.empty_like(logits).exponential_(generator=g)
+inv_t = (torch.ones(()) / 0.7).item()  # the kernels scale by fp32's 1 / t, as CUDA's torch divides by a number
+ref = dg.sampler_math(logits * inv_t, 1.0, q, torch.float32)
+for chunk in (128, 64, 512):  # three chunks (the last ragged); five; one
+    got = dg.sampler_kernels(logits, 0.7, q, torch.float32, chunk, warps=4)
+    same = [torch.equal(a, b) for a, b in zip(ref[:2] + ref[3:], got[:2] + got[3:])]
+    print(int(all(same)), (got[2] - ref[2]).abs().max().item())
+print(ref[1][5].item(), ref[2][:5].max().item())
+"""
+
+
+@needs_triton_interpreter
+def test_sampler_kernels_agree_with_sampler_math_in_triton_interpreter():
+    """sampler_kernels (the fast path's sampler on a GPU: two Triton kernels over chunks of the vocabulary), run
+    by Triton's CPU interpreter in fp32 (its bf16 casts truncate), gives sampler_math's draws, argmax and scaled
+    logits exactly and its entropy to rounding (scaling as CUDA does, by 1 / t): vocabularies of one chunk,
+    several, and a ragged last one."""
+    *runs, (first_max, confident) = zip(*[iter(interpreted(SAMPLER_CHECK))] * 2)
+    assert [same for same, _ in runs] == [1, 1, 1] and max(err for _, err in runs) < 1e-5, runs
+    assert first_max == 250 and confident < 1e-3
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
+def test_sampler_kernels_agree_with_sampler_math_on_gpu():
+    """On the GPU at the 26B vocabulary (262,144, 32 chunks), sampler_kernels gives sampler_math's argmax and
+    bf16 scaled logits exactly, its entropy to rounding and its draws for all but the rare row whose two best
+    softmax / q differ by a rounding; FastPath(sampler_kernel=True) uses it."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = 30 * torch.tanh(torch.randn(256, 262144, device="cuda", generator=g) * 4 / 30)  # softcapped
+    logits[:32, 123] += 40  # confident rows
     q = torch.empty_like(logits).exponential_(generator=g)
-    ref = dg.sampler_math(logits, 0.7, q, torch.bfloat16)
-    got = dg.sampler_math_shared(logits, 0.7, q, torch.bfloat16)
-    for a, b in zip(ref[:2] + ref[3:], got[:2] + got[3:]):
-        assert torch.equal(a, b)
-    assert torch.allclose(got[2], ref[2], atol=1e-5, rtol=1e-5) and ref[2][:5].max() < 1e-3
+    ref = dg.sampler_math(logits, 0.6, q, torch.bfloat16)
+    got = dg.sampler_kernels(logits, 0.6, q, torch.bfloat16)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[3], ref[3])
+    assert torch.allclose(got[2], ref[2], atol=1e-4, rtol=1e-5)
+    assert (got[0] == ref[0]).sum() >= 255
+    model = randomise_(DiffusionGemma(tiny_config())).to("cuda")
+    assert dg.FastPath(model, capacity=64, sampler_kernel=True).sampler is dg.sampler_kernels
 
 
 def fast_path(model, batch_size, capacity=128):
