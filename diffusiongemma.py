@@ -615,14 +615,17 @@ def grouped_mm_sorted(x, w, offsets, scale=None):
 
 
 def grouped_mm_few_rows(x, w, offsets, rows=None, out_rows=None, block_m=64, block_n=128, block_k=64, warps=8,
-                        stages=3):
+                        stages=None):
     """grouped_mm (no scale) for a few rows per expert, as in a denoising step or a commit: each
     program reads one tile of block_n output rows of one expert's w, for all of that expert's rows of x
     (block_m at a time), so the pass streams the weights and little else. At the 26B shape and 256 tokens a
     denoising step's 60 expert GEMMs took 11.8 ms, 92% of the H200's copy bandwidth, against 16 ms for aten's
     (the tiles: the fastest of a sweep there; README.md). Many rows per expert (a 2,048-token prefill chunk)
-    re-read the tiles: it was 1.8x slower than aten's there, hence FEW_ROWS. fp32 runs too (the CPU test runs it
-    so in Triton's interpreter), but on the GPU tl.dot would round it to tf32: grouped_mm sends it bf16 only."""
+    re-read the tiles: it was 1.8x slower than aten's there, hence FEW_ROWS. Consecutive programs read
+    neighbouring tiles of one expert, and a short reduction (K <= 1,024: the down projection) keeps 4 tiles in
+    flight instead of 3: in a sweep on an H200 the down projection took 130 against 145 us (README.md). fp32 runs
+    too (the CPU test runs it so in Triton's interpreter), but on the GPU tl.dot would round it to tf32:
+    grouped_mm sends it bf16 only."""
     K = x.shape[1]
     P = x.shape[0] if rows is None else rows.shape[0]
     E, N, _ = w.shape
@@ -630,7 +633,8 @@ def grouped_mm_few_rows(x, w, offsets, rows=None, out_rows=None, block_m=64, blo
     out = torch.empty(P, N, dtype=x.dtype, device=x.device)
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))  # tiles no larger than a small model needs
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
-    grouped_mm_kernel[(E, triton.cdiv(N, block_n))](
+    stages = stages or (4 if K <= 1024 else 3)
+    grouped_mm_kernel[(triton.cdiv(N, block_n), E)](
         x, w, out, offsets, x if rows is None else rows, x if out_rows is None else out_rows, N, K,
         GATHER=rows is not None, SCATTER=out_rows is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages)
@@ -643,10 +647,10 @@ if triton is not None:
                           SCATTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[m', n] = sum_k x[m'', k] w[e, n, k] for the grouped rows m of expert e, where m'' = rows[m] if
         GATHER else m, and m' = out_rows[m] if SCATTER else m: x [*, K], w [E, N, K], out [P, N] (contiguous),
-        ends [E] (the end row of each expert's group). Program (e, j): expert e, output columns j*BLOCK_N
-        onwards; an expert without rows reads nothing."""
-        e = tl.program_id(0)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)                  # [BLOCK_N] output columns
+        ends [E] (the end row of each expert's group). Program (j, e): expert e, output columns j*BLOCK_N
+        onwards (so consecutive programs read consecutive tiles of w); an expert without rows reads nothing."""
+        e = tl.program_id(1)
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                  # [BLOCK_N] output columns
         k = tl.arange(0, BLOCK_K)
         start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
         end = tl.load(ends_ptr + e)
