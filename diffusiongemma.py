@@ -618,14 +618,13 @@ def grouped_mm_few_rows(x, w, offsets, rows=None, out_rows=None, block_m=64, blo
                         stages=None):
     """grouped_mm (no scale) for a few rows per expert, as in a denoising step or a commit: each
     program reads one tile of block_n output rows of one expert's w, for all of that expert's rows of x
-    (block_m at a time), so the pass streams the weights and little else. At the 26B shape and 256 tokens a
-    denoising step's 60 expert GEMMs took 11.8 ms, 92% of the H200's copy bandwidth, against 16 ms for aten's
-    (the tiles: the fastest of a sweep there; README.md). Many rows per expert (a 2,048-token prefill chunk)
-    re-read the tiles: it was 1.8x slower than aten's there, hence FEW_ROWS. Consecutive programs read
-    neighbouring tiles of one expert, and a short reduction (K <= 1,024: the down projection) keeps 4 tiles in
-    flight instead of 3: in a sweep on an H200 the down projection took 130 against 145 us (README.md). fp32 runs
-    too (the CPU test runs it so in Triton's interpreter), but on the GPU tl.dot would round it to tf32:
-    grouped_mm sends it bf16 only."""
+    (block_m at a time), so the pass streams the weights and little else. Consecutive programs read neighbouring
+    tiles of one expert, and a short reduction (K <= 1,024: the down projection) keeps 4 tiles in flight instead
+    of 3. At the 26B shape and 256 tokens a denoising step's 60 expert GEMMs took 11.5 ms, about 95% of the H200's
+    copy bandwidth, against 16 ms for aten's (the tiles and the order: the fastest of sweeps there; README.md).
+    Many rows per expert (a 2,048-token prefill chunk) re-read the tiles: it was 1.8x slower than aten's there,
+    hence FEW_ROWS. fp32 runs too (the CPU test runs it so in Triton's interpreter), but on the GPU tl.dot would
+    round it to tf32: grouped_mm sends it bf16 only."""
     K = x.shape[1]
     P = x.shape[0] if rows is None else rows.shape[0]
     E, N, _ = w.shape
@@ -1573,7 +1572,7 @@ def sampler_kernels(logits, t, q, sc_dtype, chunk=SAMPLER_CHUNK, warps=8):
     logits, q = logits.contiguous(), q.contiguous()
     S = triton.cdiv(V, chunk)
     sc = torch.empty(N, V, dtype=sc_dtype, device=logits.device)
-    stats = torch.empty(3, N, S, dtype=torch.float32, device=logits.device)  # max, sum exp(x - max), sum of * (x - max)
+    stats = torch.empty(3, N, S, dtype=torch.float32, device=logits.device)  # per chunk: see sampler_stats_kernel
     top = torch.empty(N, S, dtype=torch.int32, device=logits.device)         # each chunk's argmax
     sampler_stats_kernel[(N, S)](logits, sc, stats, top, inv_t, V, CHUNK=chunk, num_warps=warps)
     ent = torch.empty(N, dtype=torch.float32, device=logits.device)
