@@ -456,7 +456,7 @@ if triton is not None:
         r_ok, d_ok = r < R, d < D
         q = tl.load(q_ptr + (bh * R + r[:, None]) * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)               # running maximum per row
-        l = tl.zeros((BLOCK_M,), dtype=tl.float32)                              # running sum of exp
+        denom = tl.zeros((BLOCK_M,), dtype=tl.float32)                          # running sum of exp
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         lo = s * SPAN
         hi = tl.minimum(lo + SPAN, S)
@@ -472,15 +472,15 @@ if triton is not None:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)               # no key yet: exp(-inf) = 0
             p = tl.exp(scores - m_use[:, None])
             alpha = tl.exp(m - m_use)
-            l = l * alpha + tl.sum(p, axis=1)
+            denom = denom * alpha + tl.sum(p, axis=1)
             value = tl.load(v_ptr + bh * v_head + n[:, None] * v_key + d[None, :], mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value)
             m = m_new
-        seen = l > 0
-        part = acc / tl.where(seen, l, 1.0)[:, None]
+        seen = denom > 0
+        part = acc / tl.where(seen, denom, 1.0)[:, None]
         tl.store(part_ptr + ((s * BH + bh) * R + r[:, None]) * D + d[None, :], part,
                  mask=r_ok[:, None] & d_ok[None, :])
-        lse = tl.where(seen, tl.where(m == float("-inf"), 0.0, m) + tl.log(l), float("-inf"))
+        lse = tl.where(seen, tl.where(m == float("-inf"), 0.0, m) + tl.log(denom), float("-inf"))
         tl.store(lse_ptr + (s * BH + bh) * R + r, lse, mask=r_ok)
 
     @triton.jit
@@ -1620,9 +1620,9 @@ if triton is not None:
         m = tl.load(stats_ptr + row * S + j, mask=j_ok, other=float("-inf"))      # [BLOCK_S] chunk maxima
         M = tl.max(m, axis=0)
         share = tl.exp(m - M)                                                      # 0 for the padding
-        s = tl.sum(share * tl.load(stats_ptr + (N + row) * S + j, mask=j_ok, other=0.0), axis=0)
+        sums = tl.load(stats_ptr + (N + row) * S + j, mask=j_ok, other=0.0)       # each chunk's sum exp(x - m)
+        s = tl.sum(share * sums, axis=0)
         if c == 0:
-            sums = tl.load(stats_ptr + (N + row) * S + j, mask=j_ok, other=0.0)
             prods = tl.load(stats_ptr + (2 * N + row) * S + j, mask=j_ok, other=0.0)
             weighted = tl.where(j_ok, share * (prods + (m - M) * sums), 0.0)        # sum exp(x - M) (x - M)
             tl.store(ent_ptr + row, tl.log(s) - tl.sum(weighted, axis=0) / s)
