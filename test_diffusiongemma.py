@@ -956,27 +956,30 @@ def test_block_mask_with_flex_attention_matches_the_dense_mask():
     assert rel_err(dg.attend(q, k, v, blocks), want) < 1e-5
 
 
-def test_fast_path_prefill_with_flex_attention_matches_plain(tiny_ckpt):
-    """With model.flex_rows set to its prefill chunk (FastPath does so on a GPU), a prefill's full chunks give
-    their sliding layers BlockMasks (eager flex attention here), and the logits after it match the plain path's:
-    a prompt of a remainder and two chunks of 128, a window of 60 (a ring of 128 slots, so that the chunk's keys
-    come in whole blocks)."""
-    model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window=60, device="cpu")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton"))])
+def test_fast_path_prefill_with_flex_attention_matches_plain(tiny_ckpt, device):
+    """With model.flex_rows set to its prefill chunk (FastPath sets it on a GPU, where flex attention runs
+    compiled; on the CPU the test sets it, and flex runs eagerly), a prefill's full chunks give their sliding layers
+    BlockMasks, and the logits after it match the plain path's: a prompt of a remainder and two chunks of 128, a
+    window of 60 (a ring of 128 slots, so that the chunk's keys come in whole blocks)."""
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window=60, device=device)
     g = torch.Generator().manual_seed(7)
-    ids, valid = dg.left_pad([[2] + torch.randint(3, 500, (265,), generator=g).tolist(), [2, 7, 8]], 0, "cpu")
-    canvas = torch.randint(0, 512, (2, 16), generator=g)
+    ids, valid = dg.left_pad([[2] + torch.randint(3, 500, (265,), generator=g).tolist(), [2, 7, 8]], 0, device)
+    canvas = torch.randint(0, 512, (2, 16), generator=g).to(device)
     with torch.no_grad():
         cache = model.new_cache(2)
         model.encode(ids, cache, valid)
-        want = model.denoise(canvas, cache)
+        want = model.denoise(canvas, cache).cpu()
         fast = dg.FastPath(model, batch_size=2, capacity=512, prefill_chunk=128)
+        assert model.flex_rows == (128 if device == "cuda" else 0)
         model.flex_rows = 128
         fast.start(2, ids.shape[1] + 16)
-        rope, masks = model.pass_inputs(torch.arange(128), fast.cache, valid[:, :128], True,
-                                        model.inv_freq("cpu"), 2, torch.float32)
+        rope, masks = model.pass_inputs(torch.arange(128, device=device), fast.cache, valid[:, :128], True,
+                                        model.inv_freq(device), 2, torch.float32)
         assert isinstance(masks[dg.SLIDING], dg.BlockMask) and not isinstance(masks[dg.FULL], dg.BlockMask)
         fast.prefill(ids, valid)
-        assert rel_err(fast.denoise(canvas, None), want) < 1e-5
+        assert rel_err(fast.denoise(canvas, None).cpu(), want) < 1e-5
 
 
 def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
