@@ -1068,7 +1068,7 @@ def attention_bias(mask, dtype):
 FLEX_BLOCK = 128  # block_mask: queries and keys per block
 # FastPath's compiled flex attention: its tiles (the fastest of a few for a 26B sliding layer's prefill chunk on an
 # H200, 0.21 against 0.48 ms for SDPA with a dense mask; README.md)
-FLEX_TILES = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8)
+FLEX_TILES = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)  # 3 stages need 272 KiB of shared memory
 
 
 def block_mask(mask):
