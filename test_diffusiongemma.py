@@ -935,6 +935,53 @@ def test_fast_path_logits_match_plain(tiny_ckpt, mode):
         assert rel_err(fast.denoise(canvas, l1 / 0.7), l3) < 1e-5
 
 
+def test_block_mask_with_flex_attention_matches_the_dense_mask():
+    """block_mask turns a prefill chunk's sliding-layer mask (keys: a scrambled ring of older positions, some
+    invalid, then the chunk's own) into a BlockMask with whole, partial and skipped blocks of keys, and
+    attend under it (flex attention, eager here: the math it compiles on the GPU) gives attend's explicit output
+    under the dense mask: query heads sharing a KV head, the scrambled key order."""
+    g = torch.Generator().manual_seed(0)
+    B, kv, G, T, D, ring = 1, 2, 2, 256, 16, 128
+    k_pos = torch.cat([torch.randperm(ring, generator=g) + 128, torch.arange(256, 512)])
+    valid = torch.ones(B, ring + T, dtype=torch.bool)
+    valid[0, :20] = False
+    mask = dg.attention_mask(torch.arange(256, 512), k_pos, valid, causal=True, window=256, band=False)
+    blocks = dg.block_mask(mask)
+    # per block of 128 queries: the ring's block partly seen (invalid keys, window), an own block whole (the second
+    # query block's first), the diagonal blocks partly (causal), the first query block's future block skipped
+    assert blocks.kv_num_blocks.flatten().tolist() == [2, 2] and blocks.full_kv_num_blocks.flatten().tolist() == [0, 1]
+    q = torch.randn(B, kv, G * T, D, generator=g)
+    k, v = torch.randn(2, B, kv, ring + T, D, generator=g)
+    want = dg.attend(q, k, v, dg.attention_bias(mask, torch.float32))
+    assert rel_err(dg.attend(q, k, v, blocks), want) < 1e-5
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton"))])
+def test_fast_path_prefill_with_flex_attention_matches_plain(tiny_ckpt, device):
+    """With model.flex_rows set to its prefill chunk (FastPath sets it on a GPU, where flex attention runs
+    compiled; on the CPU the test sets it, and flex runs eagerly), a prefill's full chunks give their sliding layers
+    BlockMasks, and the logits after it match the plain path's: a prompt of a remainder and two chunks of 128, a
+    window of 60 (a ring of 128 slots, so that the chunk's keys come in whole blocks)."""
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window=60, device=device)
+    g = torch.Generator().manual_seed(7)
+    ids, valid = dg.left_pad([[2] + torch.randint(3, 500, (265,), generator=g).tolist(), [2, 7, 8]], 0, device)
+    canvas = torch.randint(0, 512, (2, 16), generator=g).to(device)
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        model.encode(ids, cache, valid)
+        want = model.denoise(canvas, cache).cpu()
+        fast = dg.FastPath(model, batch_size=2, capacity=512, prefill_chunk=128)
+        assert model.flex_rows == (128 if device == "cuda" else 0)
+        model.flex_rows = 128
+        fast.start(2, ids.shape[1] + 16)
+        rope, masks = model.pass_inputs(torch.arange(128, device=device), fast.cache, valid[:, :128], True,
+                                        model.inv_freq(device), 2, torch.float32)
+        assert isinstance(masks[dg.SLIDING], dg.BlockMask) and not isinstance(masks[dg.FULL], dg.BlockMask)
+        fast.prefill(ids, valid)
+        assert rel_err(fast.denoise(canvas, None).cpu(), want) < 1e-5
+
+
 def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
     """Prefill chunks longer than the cache's tail are eager, so their full layers attend only to the slots
     written so far, not to the whole capacity: the logits still match the plain path's, and the keys such a
