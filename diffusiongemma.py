@@ -586,6 +586,8 @@ def quantize_fp8(x):
 
 
 FEW_ROWS = 4096  # grouped_mm: up to this many rows (pairs: a 256-token canvas has 2,048) run grouped_mm_few_rows
+# with its default tiles; more rows (a prefill chunk: 128 per expert on average at 2,048 tokens) with these
+MANY_ROWS_TILES = dict(block_m=128, block_n=256, block_k=64, warps=8, stages=4)
 
 
 def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None):
@@ -597,8 +599,8 @@ def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None
     and reads and writes rows where they are; else grouped_mm_sorted runs on the gathered rows and its products
     are gathered back by out_rows' inverse (compiled, that gather fuses into the kernel that reads the output)."""
     P = x.shape[0] if rows is None else rows.shape[0]
-    if kernel and scale is None and x.dtype == torch.bfloat16 and P <= FEW_ROWS and not torch.is_grad_enabled():
-        return grouped_mm_few_rows(x, w, offsets, rows, out_rows)
+    if kernel and scale is None and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        return grouped_mm_few_rows(x, w, offsets, rows, out_rows, **({} if P <= FEW_ROWS else MANY_ROWS_TILES))
     out = grouped_mm_sorted(x if rows is None else x[rows], w, offsets, scale)
     if out_rows is None:
         return out
