@@ -10,8 +10,8 @@ Generation is uniform-noise diffusion: the canvas starts as random vocabulary to
 mask token); each step samples every position, keeps the lowest-entropy ones under an entropy
 bound and re-noises the rest; the block's argmax is emitted and committed; the next block follows.
 The plain path (KVCache, an expert loop) is the readable reference, tested against transformers;
-FastPath runs the same modules with a static cache, grouped-GEMM experts (on CUDA a Triton kernel of ours
-for a canvas's few rows per expert) and CUDA graphs, tested against the plain path. experts_to_fp8() is an
+FastPath runs the same modules with a static cache, grouped-GEMM experts (on CUDA a Triton kernel of ours,
+written for a canvas's few rows per expert) and CUDA graphs, tested against the plain path. experts_to_fp8() is an
 opt-in approximation for speed: float8 experts.
 
 Quirks of the architecture that are easy to get wrong (all checked against transformers in tests):
@@ -586,6 +586,8 @@ def quantize_fp8(x):
 
 
 FEW_ROWS = 4096  # grouped_mm: up to this many rows (pairs: a 256-token canvas has 2,048) run grouped_mm_few_rows
+# with its default tiles; more rows (a prefill chunk: 128 per expert on average at 2,048 tokens) with these
+MANY_ROWS_TILES = dict(block_m=128, block_n=256, block_k=64, warps=8, stages=4)
 
 
 def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None):
@@ -593,12 +595,14 @@ def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None
     w [E, out, in] transposed -> [P, out]. rows [P] (optional): grouped row r is x[rows[r]] (x may then have
     any number of rows); out_rows [P] (optional, a permutation): grouped row r's product goes to output row
     out_rows[r]. kernel=True (FastPath on an Ampere or later GPU, Experts.few_rows_kernel): in bf16, outside
-    autograd, up to FEW_ROWS rows run our Triton kernel (grouped_mm_few_rows), which streams the weights faster
-    and reads and writes rows where they are; else grouped_mm_sorted runs on the gathered rows and its products
-    are gathered back by out_rows' inverse (compiled, that gather fuses into the kernel that reads the output)."""
+    autograd, our Triton kernel (grouped_mm_few_rows) runs, which reads and writes rows where they are: with its
+    default tiles up to FEW_ROWS rows (it streams the weights faster), else with MANY_ROWS_TILES (a prefill chunk:
+    on an H200 a 4k prefill took 0.95x the time of aten's grouped GEMM, README.md). Otherwise grouped_mm_sorted
+    runs on the gathered rows and its products are gathered back by out_rows' inverse (compiled, that gather
+    fuses into the kernel that reads the output)."""
     P = x.shape[0] if rows is None else rows.shape[0]
-    if kernel and scale is None and x.dtype == torch.bfloat16 and P <= FEW_ROWS and not torch.is_grad_enabled():
-        return grouped_mm_few_rows(x, w, offsets, rows, out_rows)
+    if kernel and scale is None and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        return grouped_mm_few_rows(x, w, offsets, rows, out_rows, **({} if P <= FEW_ROWS else MANY_ROWS_TILES))
     out = grouped_mm_sorted(x if rows is None else x[rows], w, offsets, scale)
     if out_rows is None:
         return out
@@ -629,8 +633,10 @@ def grouped_mm_few_rows(x, w, offsets, rows=None, out_rows=None, block_m=64, blo
     tiles of one expert, and a short reduction (K <= 1,024: the down projection) keeps 4 tiles in flight instead
     of 3. At the 26B shape and 256 tokens a denoising step's 60 expert GEMMs took 11.5 ms, about 95% of the H200's
     copy bandwidth, against 16 ms for aten's (the tiles and the order: the fastest of sweeps there; README.md).
-    Many rows per expert (a 2,048-token prefill chunk) re-read the tiles: it was 1.8x slower than aten's there,
-    hence FEW_ROWS. fp32 runs too (the CPU test runs it so in Triton's interpreter), but on the GPU tl.dot would
+    Many rows per expert (a 2,048-token prefill chunk) re-read the tiles: with these tiles it was 1.8x slower than
+    aten's there, with MANY_ROWS_TILES (128 x 256) 1.03-1.26x faster (gate/up and down, uniform and skewed
+    routing; it multiplies the padding of an expert's last block too, and smaller blocks for that last one were
+    slower). fp32 runs too (the CPU test runs it so in Triton's interpreter), but on the GPU tl.dot would
     round it to tf32: grouped_mm sends it bf16 only."""
     K = x.shape[1]
     P = x.shape[0] if rows is None else rows.shape[0]
@@ -684,9 +690,9 @@ class Experts(nn.Module):
     first), down_proj [E, H, I]. Two ways to run them, tested equal:
       * `loop`: one small matmul pair per expert that got tokens (plain, readable: the reference);
       * `grouped`: sort the (token, expert) pairs by expert and run one grouped GEMM per projection
-        (grouped_mm: our Triton kernel for a canvas's few rows per expert where FastPath sets few_rows_kernel,
-        else torch._grouped_mm), with no host synchronisation: the fast path on GPU. Compiled, a lone token (an
-        AR step at batch 1) runs forward_gathered instead, which reads its k experts in place.
+        (grouped_mm: our Triton kernel where FastPath sets few_rows_kernel, else torch._grouped_mm), with no
+        host synchronisation: the fast path on GPU. Compiled, a lone token (an AR step at batch 1) runs
+        forward_gathered instead, which reads its k experts in place.
     to_fp8() turns the grouped path into a float8 one (per-row scales): faster, and an approximation."""
 
     def __init__(self, cfg: Config):
@@ -695,7 +701,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.impl = "loop"  # or "grouped"
-        self.few_rows_kernel = False  # grouped: grouped_mm_few_rows for a few rows (FastPath sets it on a GPU)
+        self.few_rows_kernel = False  # grouped: grouped_mm_few_rows (FastPath sets it on a GPU)
         self.gate_up_scale = self.down_scale = None  # per-row decode scales once to_fp8() has run
 
     @torch.no_grad()
@@ -1253,9 +1259,8 @@ class DiffusionGemma(nn.Module):
         called). Each distinct shape, grad mode and encoder flag compiles once; layers of the same shape share
         the compiled code (hence the raised recompile limit).
         autotune: compile them, and Attention.output (o_proj), with inductor's max-autotune, which times Triton
-        templates against aten for each GEMM shape inside them, grouped-GEMM templates with 16-row tiles among
-        them for the experts of a prefill chunk (a canvas's run our own kernel, grouped_mm_few_rows, which it
-        does not tune); each new shape takes seconds to minutes."""
+        templates against aten for each GEMM shape inside them; the experts run our own kernel,
+        grouped_mm_few_rows, which it does not tune. Each new shape takes seconds to minutes."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # multi_kernel: inductor may keep a whole row of scores in registers (a persistent reduction: one read of
         # the fp32 scores, not two) and picks the faster kernel by timing both; on an H200 the softmax of a
@@ -1947,7 +1952,7 @@ class FastPath:
             stream = torch.cuda.Stream(self.device)
             for layer in model.layers:
                 layer.stream = stream
-        # a canvas's experts by our Triton kernel (grouped_mm_few_rows); its bf16 products need an Ampere or later GPU
+        # the experts by our Triton kernel (grouped_mm_few_rows); its bf16 products need an Ampere or later GPU
         kernel = cuda and triton is not None and torch.cuda.get_device_capability(self.device) >= (8, 0)
         for layer in model.layers:
             layer.experts.few_rows_kernel = layer.self_attn.decode_kernel = kernel

@@ -3,6 +3,7 @@
 transformers (5.23.0) is the oracle for the parity tests; they skip with a reason when it is absent.
 Tests marked `slow` are skipped unless RUN_SLOW=1."""
 
+import itertools
 import json
 import math
 import os
@@ -285,16 +286,18 @@ FEW_ROWS_CHECK = """
 import torch, diffusiongemma as dg
 g = torch.Generator().manual_seed(0)
 E, N, K = 8, 96, 80
-expert = torch.randint(0, E // 2 + 1, (110,), generator=g) * 2 % E  # odd experts get no rows
-expert[:70] = 4                                                    # and expert 4 more than 2 tiles of rows
+expert = torch.randint(0, E // 2 + 1, (300,), generator=g) * 2 % E  # odd experts get no rows
+expert[:150] = 4                                                   # and expert 4 more than 2 tiles of rows
 _, ends = dg.sort_pairs(expert, E)
-x, w = torch.randn(110, K, generator=g), torch.randn(E, N, K, generator=g)
+x, w = torch.randn(300, K, generator=g), torch.randn(E, N, K, generator=g)
 want = torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
 for blocks in ((64, 128, 64), (16, 32, 32)):  # the default tiles; tiles that split N and K unevenly
     got = dg.grouped_mm_few_rows(x, w, ends, None, None, *blocks)
     print(((got - want).abs().max() / want.abs().max()).item())
+got = dg.grouped_mm_few_rows(x, w, ends, **dg.MANY_ROWS_TILES)  # a prefill chunk's tiles
+print(((got - want).abs().max() / want.abs().max()).item())
 # grouped rows read from a smaller x by index, and written out to permuted rows
-x_few, rows, out_rows = x[:30], torch.randint(0, 30, (110,), generator=g), torch.randperm(110, generator=g)
+x_few, rows, out_rows = x[:30], torch.randint(0, 30, (300,), generator=g), torch.randperm(300, generator=g)
 want = torch.empty_like(want).index_copy(0, out_rows, torch._grouped_mm(x_few[rows], w.transpose(1, 2), offs=ends))
 got = dg.grouped_mm_few_rows(x_few, w, ends, rows, out_rows)
 print(((got - want).abs().max() / want.abs().max()).item())
@@ -305,23 +308,23 @@ print(((got - want).abs().max() / want.abs().max()).item())
 def test_few_rows_grouped_kernel_matches_aten_in_triton_interpreter():
     """grouped_mm_few_rows, the Triton kernel of the denoising step's experts, run by Triton's CPU interpreter in
     fp32 (the interpreter's bf16 products are wrong), computes torch._grouped_mm: experts without rows, an
-    expert with more rows than a tile, output and input sizes that the tiles do not divide, and rows read and
-    written by index (rows, out_rows)."""
+    expert with more rows than a tile, output and input sizes that the tiles do not divide, the tiles of a prefill
+    chunk (MANY_ROWS_TILES), and rows read and written by index (rows, out_rows)."""
     errors = interpreted(FEW_ROWS_CHECK)
-    assert len(errors) == 3 and max(errors) < 1e-5, errors
+    assert len(errors) == 4 and max(errors) < 1e-5, errors
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
 def test_few_rows_grouped_kernel_matches_aten_on_gpu():
-    """On the GPU in bf16, grouped_mm(kernel=True) (which picks grouped_mm_few_rows for few rows outside autograd,
-    as a FastPath's experts do) gives torch._grouped_mm's results up to bf16 rounding, at the 26B experts' sizes
-    with a skewed routing."""
+    """On the GPU in bf16, grouped_mm(kernel=True) (which runs grouped_mm_few_rows outside autograd, as a
+    FastPath's experts do) gives torch._grouped_mm's results up to bf16 rounding, at the 26B experts' sizes with a
+    skewed routing, for a canvas (its default tiles) and a prefill chunk (MANY_ROWS_TILES)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     E, H, I = 128, 2816, 704
-    logits = torch.randn(256, E, device="cuda", generator=g) + torch.linspace(0, 3, E, device="cuda")
-    _, ends = dg.sort_pairs(logits.topk(8, -1).indices.reshape(-1), E)
-    for N, K in ((2 * I, H), (H, I)):
-        x = torch.randn(2048, K, device="cuda", generator=g).bfloat16()
+    for T, (N, K) in itertools.product((256, 2048), ((2 * I, H), (H, I))):
+        logits = torch.randn(T, E, device="cuda", generator=g) + torch.linspace(0, 3, E, device="cuda")
+        _, ends = dg.sort_pairs(logits.topk(8, -1).indices.reshape(-1), E)
+        x = torch.randn(T * 8, K, device="cuda", generator=g).bfloat16()
         w = (torch.randn(E, N, K, device="cuda", generator=g) * 0.02).bfloat16()
         want = torch._grouped_mm(x, w.transpose(1, 2), offs=ends).float()
         with torch.no_grad():
