@@ -377,7 +377,8 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=Fal
     keys). There, outside autograd, explicit matmuls run instead, with fp32 scores like the fused kernels,
     a few query heads at a time so that each product's scores stay under max_scores (256M: 1 GiB).
     kernel=True (FastPath on an Ampere or later GPU, Attention.decode_kernel): one token's attention in bf16 (at
-    most DECODE_ROWS query rows per KV head) runs attend_decode instead, two Triton kernels in place of three.
+    most DECODE_ROWS query rows per KV head) runs attend_decode instead, two Triton kernels in place of three, and
+    a prefill chunk's explicit softmax (the 512-wide full layers) runs masked_softmax_rows, one kernel.
     bias may instead be a BlockMask (block_mask: a fast-path prefill chunk's sliding layers): then `flex` (flex
     attention; FastPath's is compiled) computes only the blocks of keys the mask leaves visible."""
     B, kv, R, D = q.shape
@@ -395,7 +396,7 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=Fal
         bias = bias[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, R, S)  # SDPA wants a mask row per query row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     if long:  # a prefill chunk: its key count grows chunk by chunk, and the compiled softmax would recompile
-        softmax = masked_softmax
+        softmax = masked_softmax_rows if kernel else masked_softmax
     elif kernel and T == 1 and R <= DECODE_ROWS and q.dtype != torch.float32:
         return attend_decode(q, k, v, bias)
     k, v = k.flatten(0, 1), v.flatten(0, 1)
@@ -506,6 +507,48 @@ if triton is not None:
         out = tl.sum(part * share[:, None], axis=0)
         tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
+
+
+def masked_softmax_rows(scores, bias, dtype, block=1024, warps=8):
+    """masked_softmax as one Triton kernel (a prefill chunk's full layers on a GPU, attend(kernel=True)): one
+    program per row of scores reads it twice, for its max and sum of exp (online, block by block) and then to
+    write the softmax in dtype. Eager masked_softmax makes three passes over the fp32 scores and writes two of
+    them; the key count, a runtime argument here, grows chunk by chunk without recompiling anything.
+    scores [B, kv, G*T, S] fp32, bias [B, 1, T, S] -> [B, kv, G*T, S] in dtype."""
+    B, kv, R, S = scores.shape
+    T = bias.shape[2]
+    scores, bias = scores.contiguous(), bias.contiguous()
+    out = torch.empty(B, kv, R, S, dtype=dtype, device=scores.device)
+    softmax_rows_kernel[(B * kv * R,)](scores, bias, out, kv * R, T, S, BLOCK=block, num_warps=warps)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def softmax_rows_kernel(x_ptr, bias_ptr, out_ptr, HEAD_ROWS, T, S, BLOCK: tl.constexpr):
+        """Program `row` of the B * HEAD_ROWS rows of x [B, HEAD_ROWS, S] (HEAD_ROWS = kv * G * T): out[row] =
+        softmax(x[row] + bias[b, t]) over S, where b = row // HEAD_ROWS and t = row % T (the query heads of a row
+        block share the bias [B, T, S]). A row that sees no key gives NaN, as torch.softmax does."""
+        row = tl.program_id(0)
+        b, t = row // HEAD_ROWS, row % T
+        x_row = x_ptr + row.to(tl.int64) * S
+        bias_row = bias_ptr + (b * T + t).to(tl.int64) * S
+        m = tl.full((), float("-inf"), dtype=tl.float32)                       # running max
+        denom = tl.zeros((), dtype=tl.float32)                                  # running sum of exp(x - m)
+        for s0 in range(0, S, BLOCK):
+            col = s0 + tl.arange(0, BLOCK)
+            ok = col < S
+            x = tl.load(x_row + col, mask=ok, other=float("-inf")) + tl.load(bias_row + col, mask=ok, other=0.0)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)              # no key seen yet: exp(-inf) = 0
+            denom = denom * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+            m = m_new
+        for s0 in range(0, S, BLOCK):
+            col = s0 + tl.arange(0, BLOCK)
+            ok = col < S
+            x = tl.load(x_row + col, mask=ok, other=float("-inf")) + tl.load(bias_row + col, mask=ok, other=0.0)
+            tl.store(out_ptr + row.to(tl.int64) * S + col, (tl.exp(x - m) / denom).to(out_ptr.dtype.element_ty),
+                     mask=ok)
 
 def softcap(logits, cap):
     """cap * tanh(logits / cap), in fp32: Gemma's final logit softcapping."""

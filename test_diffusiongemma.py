@@ -337,6 +337,47 @@ def test_few_rows_grouped_kernel_matches_aten_on_gpu():
     assert all(layer.experts.few_rows_kernel == ampere for layer in model.layers)
 
 
+
+SOFTMAX_ROWS_CHECK = """
+import torch, diffusiongemma as dg
+g = torch.Generator().manual_seed(0)
+B, kv, G, T, S = 2, 2, 3, 5, 300  # rows of 3 query heads share a bias row; S not a multiple of the block
+scores = torch.randn(B, kv, G * T, S, generator=g) * 4
+mask = torch.rand(B, 1, T, S, generator=g) < 0.7
+mask[..., 0] = True                # every row sees a key
+mask[1, 0, 1, :200] = False        # a row whose first blocks show no key
+bias = dg.attention_bias(mask, torch.float32)
+want = dg.masked_softmax(scores, bias, torch.float32)
+print((dg.masked_softmax_rows(scores, bias, torch.float32, block=64) - want).abs().max().item())
+"""
+
+
+@needs_triton_interpreter
+def test_softmax_rows_kernel_matches_masked_softmax_in_triton_interpreter():
+    """masked_softmax_rows, the Triton kernel of a prefill chunk's explicit softmax, run by Triton's CPU
+    interpreter in fp32, computes masked_softmax: query heads sharing a bias row, a key count that the blocks do not
+    divide (so the online max and sum rescale across blocks), and a row whose first blocks show no key."""
+    errors = interpreted(SOFTMAX_ROWS_CHECK)
+    assert len(errors) == 1 and errors[0] < 1e-6, errors
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
+def test_prefill_attention_with_softmax_kernel_matches_explicit_on_gpu():
+    """On the GPU in bf16, attend(kernel=True) for a prefill chunk of a 26B full layer (2 KV heads, 8 query heads
+    each, 512 wide, 2,048 tokens against 4,096 keys, causal) runs masked_softmax_rows and gives the eager softmax's
+    attention up to bf16 rounding."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kv, G, T, S, D = 2, 8, 2048, 4096, 512
+    q = torch.randn(1, kv, G * T, D, device="cuda", generator=g).bfloat16()
+    k, v = torch.randn(2, 1, kv, S, D, device="cuda", generator=g).bfloat16()
+    pos = torch.arange(S - T, S, device="cuda")
+    mask = (torch.arange(S, device="cuda")[None, :] <= pos[:, None])[None, None]  # [1, 1, T, S]
+    bias = dg.attention_bias(mask, torch.bfloat16)
+    with torch.no_grad():
+        want = dg.attend(q, k, v, bias).float()
+        got = dg.attend(q, k, v, bias, kernel=True).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+
 DECODE_CHECK = """
 import torch, diffusiongemma as dg
 g = torch.Generator().manual_seed(0)
