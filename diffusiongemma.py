@@ -310,7 +310,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.eps = cfg.rms_norm_eps
         self.softmax = masked_softmax  # the explicit attention's softmax (compile_layers swaps in a fused one)
-        self.decode_kernel = False  # an AR token's attention by attend_decode (FastPath sets it on a GPU)
+        self.decode_kernel = False  # attend(kernel=): attend_decode, masked_softmax_rows (FastPath sets it on a GPU)
         self.flex = flex_attention  # attention under a BlockMask (FastPath: compiled, with its tiles; see block_mask)
         self.register_buffer("fused", None, persistent=False)  # q, k (, v) weights in one tensor: fuse_linears
 
@@ -1968,7 +1968,9 @@ class FastPath:
         so a denoising step never waits for the host;
       * each layer's q/k/v and gate/up projections as one GEMM each (model.fuse_projections);
       * on CUDA, a one-token pass's dense MLP on a second stream, beside its router and experts;
-      * on an Ampere or later GPU, a prefill chunk's sliding layers by compiled flex attention (block_mask);
+      * on an Ampere or later GPU, Triton kernels of ours: the experts' grouped GEMMs (grouped_mm_few_rows), an
+        AR token's attention (attend_decode), a prefill chunk's full-layer softmax (masked_softmax_rows); and a
+        prefill chunk's sliding layers by compiled flex attention (block_mask);
       * a StaticKVCache, so a pass over a fixed number of tokens (denoise a canvas, commit a block, one
         autoregressive token) has fixed shapes and addresses: on CUDA each is recorded once as a CUDA
         graph and replayed, with no Python and no launch overhead (a pass is ~2,000 kernels, which take
@@ -1995,7 +1997,8 @@ class FastPath:
             stream = torch.cuda.Stream(self.device)
             for layer in model.layers:
                 layer.stream = stream
-        # the experts by our Triton kernel (grouped_mm_few_rows); its bf16 products need an Ampere or later GPU
+        # our Triton kernels for the experts (few_rows_kernel) and the attention (decode_kernel: an AR token's, a
+        # prefill chunk's full-layer softmax); their bf16 products need an Ampere or later GPU
         kernel = cuda and triton is not None and torch.cuda.get_device_capability(self.device) >= (8, 0)
         for layer in model.layers:
             layer.experts.few_rows_kernel = layer.self_attn.decode_kernel = kernel
