@@ -508,7 +508,6 @@ if triton is not None:
         tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-
 def masked_softmax_rows(scores, bias, dtype, block=1024, warps=8):
     """masked_softmax as one Triton kernel (a prefill chunk's full layers on a GPU, attend(kernel=True)): one
     program per row of scores reads it twice, for its max and sum of exp (online, block by block) and then to
@@ -549,6 +548,7 @@ if triton is not None:
             x = tl.load(x_row + col, mask=ok, other=float("-inf")) + tl.load(bias_row + col, mask=ok, other=0.0)
             tl.store(out_ptr + row.to(tl.int64) * S + col, (tl.exp(x - m) / denom).to(out_ptr.dtype.element_ty),
                      mask=ok)
+
 
 def softcap(logits, cap):
     """cap * tanh(logits / cap), in fp32: Gemma's final logit softcapping."""
