@@ -640,7 +640,7 @@ def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None
     out_rows[r]. kernel=True (FastPath on an Ampere or later GPU, Experts.few_rows_kernel): in bf16, outside
     autograd, our Triton kernel (grouped_mm_few_rows) runs, which reads and writes rows where they are: with its
     default tiles up to FEW_ROWS rows (it streams the weights faster), else with MANY_ROWS_TILES (a prefill chunk:
-    on an H200 a 4k prefill took 0.95x the time of aten's grouped GEMM, README.md). Otherwise grouped_mm_sorted
+    on an H200 a 4k prefill took 0.95x its time with aten's grouped GEMM, README.md). Otherwise grouped_mm_sorted
     runs on the gathered rows and its products are gathered back by out_rows' inverse (compiled, that gather
     fuses into the kernel that reads the output)."""
     P = x.shape[0] if rows is None else rows.shape[0]
