@@ -424,7 +424,8 @@ def attend_decode(q, k, v, bias, block_n=None, programs=264, warps=4, stages=2):
     whole softmax's denominator and sums them (decode_merge_kernel). fp32 sums of the products, bf16
     probabilities times v, as the explicit path's; fp32 runs too (Triton's interpreter, the CPU test). The
     settings: the faster in whole AR passes on an H200; a sweep of the kernels alone, their keys and values
-    resident in L2, favoured one stage and 64 keys a block for both widths, which the passes did not (README.md)."""
+    resident in L2, favoured one stage and 64 keys a block for both widths, which the passes did not (README.md).
+    On Hopper and later both launch with programmatic dependent launch (pdl_launch)."""
     B, kv, R, D = q.shape
     S, BH = k.shape[2], B * kv
     assert R <= DECODE_ROWS and bias.shape[2] == 1
@@ -438,25 +439,38 @@ def attend_decode(q, k, v, bias, block_n=None, programs=264, warps=4, stages=2):
     part = torch.empty(splits, BH, R, D, dtype=torch.float32, device=q.device)
     lse = torch.empty(splits, BH, R, dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
+    pdl = pdl_launch(q.device)
     decode_span_kernel[(BH, splits)](q, k, v, bias, part, lse, R, S, span, kv, D, k.stride(1), k.stride(2),
                                      v.stride(1), v.stride(2), BLOCK_M=DECODE_ROWS, BLOCK_N=block_n,
-                                     BLOCK_D=BLOCK_D, num_warps=warps, num_stages=stages)
+                                     BLOCK_D=BLOCK_D, PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     out = torch.empty(B, kv, R, D, dtype=q.dtype, device=q.device)
     block_dm = min(BLOCK_D, 64)
     decode_merge_kernel[(BH * R, triton.cdiv(D, block_dm))](part, lse, out, splits, BH * R, D,
-                                                            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_dm)
+                                                            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_dm,
+                                                            PDL=pdl, launch_pdl=pdl)
     return out
+
+
+def pdl_launch(device):
+    """Whether our Triton kernels launch with programmatic dependent launch on this device (CUDA, Hopper or
+    later): such a kernel may start while the one before it finishes; it first waits for that one's writes
+    (gdc_wait), then lets the next one start (gdc_launch_dependents), so that every kernel after it still sees
+    everything before it written. In Triton's interpreter (the CPU tests) it stays off."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 if triton is not None:
     @triton.jit
     def decode_span_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, part_ptr, lse_ptr, R, S, SPAN, KV, D,
                            k_head, k_key, v_head, v_key,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """For head group bh (= b * KV + KV head) and span s of the keys: part[s, bh, r] = softmax over the span's
         keys of (q[bh, r] . k[bh, key] + bias[b, key]) times v[bh, key], lse[s, bh, r] = the log of that softmax's
         denominator (-inf where the span shows no key). q [BH, R, D], bias [B, S], part [splits, BH, R, D] (fp32),
-        lse [splits, BH, R]; k, v: key n of head bh at bh * head + n * key."""
+        lse [splits, BH, R]; k, v: key n of head bh at bh * head + n * key. PDL: see pdl_launch."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         bh, s = tl.program_id(0), tl.program_id(1)
         BH = tl.num_programs(0)
         r = tl.arange(0, BLOCK_M)                                               # query rows (R of them real)
@@ -492,9 +506,14 @@ if triton is not None:
         tl.store(lse_ptr + (s * BH + bh) * R + r, lse, mask=r_ok)
 
     @triton.jit
-    def decode_merge_kernel(part_ptr, lse_ptr, out_ptr, SPLITS, ROWS, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    def decode_merge_kernel(part_ptr, lse_ptr, out_ptr, SPLITS, ROWS, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                            PDL: tl.constexpr):
         """out[row, d] = sum over spans s of part[s, row, d] * exp(lse[s, row] - logsumexp_s lse[s, row]) for
-        BLOCK_D columns d; part [SPLITS, ROWS, D] (fp32), lse [SPLITS, ROWS], out [ROWS, D] (q's dtype)."""
+        BLOCK_D columns d; part [SPLITS, ROWS, D] (fp32), lse [SPLITS, ROWS], out [ROWS, D] (q's dtype). PDL: see
+        pdl_launch."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row, j = tl.program_id(0), tl.program_id(1)
         s = tl.arange(0, BLOCK_S)
         d = j * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -1138,6 +1157,14 @@ def block_mask(mask):
 # -----------------------------------------------------------------------------
 # The model
 
+def pdl_options():
+    """torch.compile options for programmatic dependent launch, where this torch has it (inductor's
+    triton.enable_pdl): on Hopper and later GPUs each compiled kernel may start while the one before it finishes,
+    and waits (griddepcontrol) before it reads what that one wrote. On an H200 an AR token took 0.93x its time
+    without it (README.md). Elsewhere inductor emits no such code."""
+    return {"triton.enable_pdl": True} if hasattr(torch._inductor.config.triton, "enable_pdl") else {}
+
+
 class DiffusionGemma(nn.Module):
 
     def __init__(self, cfg: Config):
@@ -1305,24 +1332,27 @@ class DiffusionGemma(nn.Module):
         templates against aten for each GEMM shape inside them; the experts run our own kernel,
         grouped_mm_few_rows, which it does not tune. Each new shape takes seconds to minutes."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        pdl = pdl_options()
+        # max-autotune-no-cudagraphs as options (torch.compile takes a mode or options; the fast path records
+        # its own graphs)
+        options = {**pdl, **(torch._inductor.list_mode_options("max-autotune-no-cudagraphs") if autotune else {})}
         # multi_kernel: inductor may keep a whole row of scores in registers (a persistent reduction: one read of
         # the fp32 scores, not two) and picks the faster kernel by timing both; on an H200 the softmax of a
         # denoise pass took 0.54 ms instead of 1.06 (README.md). Not from inductor's on-disk graph cache: loading
         # a multi-kernel from it failed in torch 2.11 (TypeError in triton's cache_key), and this compiles in seconds
         softmax = torch.compile(masked_softmax, dynamic=False,
-                                options={"triton.multi_kernel": 1, "fx_graph_cache": False})
-        mode = "max-autotune-no-cudagraphs" if autotune else None  # (the fast path records its own graphs)
+                                options={"triton.multi_kernel": 1, "fx_graph_cache": False, **pdl})
         for layer in self.layers:
             layer.self_attn.softmax = softmax
-            layer.project = torch.compile(layer.project, dynamic=False, mode=mode)
+            layer.project = torch.compile(layer.project, dynamic=False, options=options)
             if autotune:  # o_proj among the autotuned GEMMs; compiled alone it would fuse nothing
-                layer.self_attn.output = torch.compile(layer.self_attn.output, dynamic=False, mode=mode)
-            layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False, mode=mode)
+                layer.self_attn.output = torch.compile(layer.self_attn.output, dynamic=False, options=options)
+            layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False, options=options)
             for part in ("add_attention", "dense", "moe", "add_feed_forward"):  # feed_forward_overlapped's parts
-                setattr(layer, part, torch.compile(getattr(layer, part), dynamic=False, mode=mode))
-        self.head_chunk = torch.compile(head_chunk, dynamic=False, mode=mode)
-        self.step_inputs = torch.compile(self.pass_inputs, dynamic=False)
-        self.soft_embedding = torch.compile(self.soft_embedding, dynamic=False, mode=mode)
+                setattr(layer, part, torch.compile(getattr(layer, part), dynamic=False, options=options))
+        self.head_chunk = torch.compile(head_chunk, dynamic=False, options=options)
+        self.step_inputs = torch.compile(self.pass_inputs, dynamic=False, options=pdl)
+        self.soft_embedding = torch.compile(self.soft_embedding, dynamic=False, options=options)
         return self
 
     def fuse_projections(self):
@@ -2019,7 +2049,7 @@ class FastPath:
                                           f"is bf16 only), not {str(self.dtype).replace('torch.', '')}; "
                                           f"use dtype bfloat16 or leave the layers eager")
             model.compile_layers(autotune)
-            self.cache.store = torch.compile(store_kv, dynamic=False)  # in place, fewer kernels (store_kv)
+            self.cache.store = torch.compile(store_kv, dynamic=False, options=pdl_options())  # in place (store_kv)
         self.timing, self.events = timing and cuda, defaultdict(list)
         # the inputs of the recorded passes: copied in before each replay
         B, C, dev = batch_size, cfg.canvas_length, self.device

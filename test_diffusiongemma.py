@@ -1112,6 +1112,23 @@ def test_fast_path_autotuned_matches_eager_on_gpu(gentle_ckpt):
         assert token_err(t, r) < 1.25 * token_err(e, r)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+                         and HAVE_TRITON and dg.pdl_options()),
+                    reason="programmatic dependent launch needs a Hopper or later GPU, Triton and inductor's option")
+def test_fast_path_with_dependent_launch_matches_eager_on_gpu(gentle_ckpt):
+    """FastPath(compile_layers=True) on a Hopper GPU at batch 1, CUDA graphs included: inductor's kernels
+    and the AR token's attention kernels (attend_decode) launch with programmatic dependent launch (pdl_options,
+    pdl_launch), so each may start before the one ahead of it has finished. A kernel that read too early would
+    read a stale buffer: the logits must stay as close to fp32 as the eager GPU passes' (see the test above)."""
+    assert dg.pdl_launch(torch.device("cuda"))
+    ref = fast_path_passes(gentle_ckpt, torch.float32, batch=1)
+    eager = fast_path_passes(gentle_ckpt, torch.bfloat16, "cuda", batch=1)
+    compiled = fast_path_passes(gentle_ckpt, torch.bfloat16, "cuda", compiled=True, batch=1)
+    for r, e, c in zip(ref, eager, compiled):
+        assert token_err(e, r) < 0.1
+        assert token_err(c, r) < 1.25 * token_err(e, r)
+
+
 @pytest.mark.parametrize("settings", [
     dict(max_new_tokens=48, max_denoising_steps=5, confidence_threshold=0),  # fixed steps: no host syncs
     dict(max_new_tokens=48, max_denoising_steps=8, entropy_bound=2.0, confidence_threshold=6.2, stability_threshold=0),
