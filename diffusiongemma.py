@@ -1330,7 +1330,8 @@ class DiffusionGemma(nn.Module):
         the compiled code (hence the raised recompile limit).
         autotune: compile them, and Attention.output (o_proj), with inductor's max-autotune, which times Triton
         templates against aten for each GEMM shape inside them; the experts run our own kernel,
-        grouped_mm_few_rows, which it does not tune. Each new shape takes seconds to minutes."""
+        grouped_mm_few_rows, which it does not tune. Each new shape takes seconds to minutes.
+        Every compiled function gets programmatic dependent launch where this torch has it (pdl_options)."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         pdl = pdl_options()
         # max-autotune-no-cudagraphs as options (torch.compile takes a mode or options; the fast path records
@@ -2001,6 +2002,8 @@ class FastPath:
       * on an Ampere or later GPU, Triton kernels of ours: the experts' grouped GEMMs (grouped_mm_few_rows), an
         AR token's attention (attend_decode), a prefill chunk's full-layer softmax (masked_softmax_rows); and a
         prefill chunk's sliding layers by compiled flex attention (block_mask);
+      * on a Hopper or later GPU, programmatic dependent launch for the compiled kernels (pdl_options) and the AR
+        token's attention kernels (pdl_launch): each may start while the kernel before it finishes;
       * a StaticKVCache, so a pass over a fixed number of tokens (denoise a canvas, commit a block, one
         autoregressive token) has fixed shapes and addresses: on CUDA each is recorded once as a CUDA
         graph and replayed, with no Python and no launch overhead (a pass is ~2,000 kernels, which take
