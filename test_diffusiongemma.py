@@ -364,8 +364,9 @@ def test_softmax_rows_kernel_matches_masked_softmax_in_triton_interpreter():
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
 def test_prefill_attention_with_softmax_kernel_matches_explicit_on_gpu():
     """On the GPU in bf16, attend(kernel=True) for a prefill chunk of a 26B full layer (2 KV heads, 8 query heads
-    each, 512 wide, 2,048 tokens against 4,096 keys, causal) runs masked_softmax_rows and gives the eager softmax's
-    attention up to bf16 rounding."""
+    each, 512 wide, 2,048 tokens against 4,096 keys, causal) runs masked_softmax_rows (its output is exactly that
+    of the products around the kernel's softmax) and gives the eager softmax's attention up to bf16 rounding; the
+    kernel's probabilities are the eager softmax's to a bf16 rounding step."""
     g = torch.Generator(device="cuda").manual_seed(0)
     kv, G, T, S, D = 2, 8, 2048, 4096, 512
     q = torch.randn(1, kv, G * T, D, device="cuda", generator=g).bfloat16()
@@ -376,6 +377,14 @@ def test_prefill_attention_with_softmax_kernel_matches_explicit_on_gpu():
     with torch.no_grad():
         want = dg.attend(q, k, v, bias).float()
         got = dg.attend(q, k, v, bias, kernel=True).float()
+        qf, kf = q.flatten(0, 1), k.flatten(0, 1)  # attend's one product: all 8 heads' scores fit under 256M
+        scores = (torch.bmm(qf, kf.transpose(1, 2), out_dtype=torch.float32) if dg.BMM_FP32_OUT
+                  else torch.bmm(qf.float(), kf.float().transpose(1, 2))).view(1, kv, G * T, S)
+        probs = dg.masked_softmax_rows(scores, bias, torch.bfloat16)
+        eager = dg.masked_softmax(scores, bias, torch.bfloat16)
+        by_kernel = torch.bmm(probs.flatten(0, 1), v.flatten(0, 1)).float().view(q.shape)
+    assert (probs.float() - eager.float()).abs().max().item() <= 2 ** -8
+    assert torch.equal(got, by_kernel)  # the kernel's path was taken
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 DECODE_CHECK = """
