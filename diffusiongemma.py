@@ -333,7 +333,7 @@ class Attention(nn.Module):
         concatenation per token [B, T, H]."""
         B, G = y.shape[0], self.heads // self.kv_heads
         y = y.unflatten(2, (G, T)).permute(0, 3, 1, 2, 4).reshape(B, T, self.heads * self.head_dim)
-        return self.o_proj(y)
+        return linear(y, self.o_proj.weight)
 
     def projections(self):
         """The linears that read the normed input: q, k, and v where the layer has one."""
@@ -601,6 +601,17 @@ def linears_forward(x, linears, fused=None):
     return F.linear(x, fused).split([lin.out_features for lin in linears], -1)
 
 
+def linear(x, weight):
+    """F.linear(x, weight) (no bias), except for one row under torch.compile (an AR token at batch 1): then a
+    product and an fp32 sum, which inductor turns into one reduction kernel (a GEMV) launched with programmatic
+    dependent launch like its neighbours, in place of cuBLAS's split-K GEMV and its reduction kernel. o_proj and
+    the router use it: on an H200 the AR token took 0.88x its time with cuBLAS; q/k/v and the dense MLP so made
+    it 1.09x, and keep F.linear (README.md)."""
+    if x.numel() == x.shape[-1] and torch.compiler.is_compiling():
+        return (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
+    return F.linear(x, weight)
+
+
 class MLP(nn.Module):
     """Gated GELU-tanh MLP: down(gelu(gate(x)) * up(x))."""
 
@@ -629,7 +640,7 @@ class Router(nn.Module):
     def forward(self, x):
         """x [N, H] -> weights [N, k] (fp32), expert ids [N, k]."""
         z = rms_norm(x, None, self.eps) * self.scale * x.shape[-1] ** -0.5
-        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)  # over all experts
+        probs = F.softmax(linear(z, self.proj.weight), dim=-1, dtype=torch.float32)  # over all experts
         # the top k by a sort of all E: compiled, one Triton kernel with the softmax (topk stays two aten kernels)
         weights, ids = probs.sort(dim=-1, descending=True)
         weights, ids = weights[:, :self.top_k], ids[:, :self.top_k]
@@ -1320,7 +1331,8 @@ class DiffusionGemma(nn.Module):
 
     def compile_layers(self, autotune=False):
         """torch.compile the elementwise-heavy parts of the model so that their many small kernels fuse:
-        every layer's Layer.project (norms, RoPE) and Layer.feed_forward (norms, gates, routing, the experts'
+        every layer's Layer.project (norms, RoPE), Attention.output (the heads' concatenation and o_proj: an AR
+        token's as a reduction, see linear) and Layer.feed_forward (norms, gates, routing, the experts'
         gather and sum), the explicit attention's masked softmax, the head's softcap (one kernel per vocabulary
         chunk, written straight into the logits), the self-conditioning product's softmax and the fast path's
         RoPE tables and attention masks of a step (step_inputs). Used by
@@ -1328,7 +1340,7 @@ class DiffusionGemma(nn.Module):
         FastPath(compile_layers=True); also the parts of Layer.feed_forward_overlapped (compiled when first
         called). Each distinct shape, grad mode and encoder flag compiles once; layers of the same shape share
         the compiled code (hence the raised recompile limit).
-        autotune: compile them, and Attention.output (o_proj), with inductor's max-autotune, which times Triton
+        autotune: compile them with inductor's max-autotune, which times Triton
         templates against aten for each GEMM shape inside them; the experts run our own kernel,
         grouped_mm_few_rows, which it does not tune. Each new shape takes seconds to minutes.
         Every compiled function gets programmatic dependent launch where this torch has it (pdl_options)."""
@@ -1346,8 +1358,8 @@ class DiffusionGemma(nn.Module):
         for layer in self.layers:
             layer.self_attn.softmax = softmax
             layer.project = torch.compile(layer.project, dynamic=False, options=options)
-            if autotune:  # o_proj among the autotuned GEMMs; compiled alone it would fuse nothing
-                layer.self_attn.output = torch.compile(layer.self_attn.output, dynamic=False, options=options)
+            # o_proj: an AR token's as a reduction (linear), and among the autotuned GEMMs
+            layer.self_attn.output = torch.compile(layer.self_attn.output, dynamic=False, options=options)
             layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False, options=options)
             for part in ("add_attention", "dense", "moe", "add_feed_forward"):  # feed_forward_overlapped's parts
                 setattr(layer, part, torch.compile(getattr(layer, part), dynamic=False, options=options))
@@ -1998,7 +2010,8 @@ class FastPath:
       * the experts as grouped GEMMs (Experts.forward_grouped); masks and positions are device tensors,
         so a denoising step never waits for the host;
       * each layer's q/k/v and gate/up projections as one GEMM each (model.fuse_projections);
-      * on CUDA, a one-token pass's dense MLP on a second stream, beside its router and experts;
+      * on CUDA, a one-token pass's dense MLP on a second stream, beside its router and experts; compiled, its
+        o_proj and router as reductions (linear);
       * on an Ampere or later GPU, Triton kernels of ours: the experts' grouped GEMMs (grouped_mm_few_rows), an
         AR token's attention (attend_decode), a prefill chunk's full-layer softmax (masked_softmax_rows); and a
         prefill chunk's sliding layers by compiled flex attention (block_mask);
