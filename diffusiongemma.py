@@ -451,14 +451,6 @@ def attend_decode(q, k, v, bias, block_n=None, programs=264, warps=4, stages=2):
     return out
 
 
-def pdl_launch(device):
-    """Whether our Triton kernels launch with programmatic dependent launch on this device (CUDA, Hopper or
-    later): such a kernel may start while the one before it finishes; it first waits for that one's writes
-    (gdc_wait), then lets the next one start (gdc_launch_dependents), so that every kernel after it still sees
-    everything before it written. In Triton's interpreter (the CPU tests) it stays off."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
 if triton is not None:
     @triton.jit
     def decode_span_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, part_ptr, lse_ptr, R, S, SPAN, KV, D,
@@ -1174,6 +1166,14 @@ def pdl_options():
     and waits (griddepcontrol) before it reads what that one wrote. On an H200 an AR token took 0.93x its time
     without it (README.md). Elsewhere inductor emits no such code."""
     return {"triton.enable_pdl": True} if hasattr(torch._inductor.config.triton, "enable_pdl") else {}
+
+
+def pdl_launch(device):
+    """Whether our Triton kernels launch with programmatic dependent launch on this device (CUDA, Hopper or
+    later): such a kernel may start while the one before it finishes; it first waits for that one's writes
+    (gdc_wait), then lets the next one start (gdc_launch_dependents), so that every kernel after it still sees
+    everything before it written. In Triton's interpreter (the CPU tests) it stays off."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 class DiffusionGemma(nn.Module):
