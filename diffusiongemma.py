@@ -650,12 +650,6 @@ def quantize_fp8(x):
     return (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def fp8_round(x):
-    """x [..., K] through float8 and back (quantize_fp8, then the values times their row's scale), in fp32."""
-    values, scale = quantize_fp8(x)
-    return values.float() * scale[..., None]
-
-
 FEW_ROWS = 4096  # grouped_mm: up to this many rows (pairs: a 256-token canvas has 2,048) run grouped_mm_few_rows
 # with its default tiles (with float8 experts FP8_TILES); more rows (a prefill chunk: 128 per expert on average at
 # 2,048 tokens) with MANY_ROWS_TILES
@@ -688,10 +682,11 @@ def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None
 
 def grouped_mm_sorted(x, w, offsets, scale=None):
     """grouped_mm's rows in order, by aten's grouped GEMM. With a float8 w and its scale [E, out], both operands
-    are dequantised first (x through float8 per row, fp8_round) and multiplied in x's dtype: a copy of the whole
+    are dequantised first (x quantised per row and back) and multiplied in x's dtype: a copy of the whole
     projection, so this is the reference that the kernel's tests compare with, not a fast path."""
     if scale is not None:
-        x, w = fp8_round(x).to(x.dtype), (w.float() * scale[..., None]).to(x.dtype)
+        xq, x_scale = quantize_fp8(x)
+        x, w = (xq.float() * x_scale[:, None]).to(x.dtype), (w.float() * scale[..., None]).to(x.dtype)
     return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
 
 
@@ -824,20 +819,20 @@ class Experts(nn.Module):
         a sum that torch.compile turns into one reduction kernel reading the gathered rows (GEMVs), with no
         sort and no grouped GEMM; the down projection's sum also runs over the k experts. For one token it
         reads 8 experts in 39 us against 75 us for the grouped path (H100, compiled, 26B shape; floor 32 us:
-        README.md). float8 weights (to_fp8) are dequantised as they are read.
+        README.md). float8 weights (to_fp8) are dequantised as they are read; unlike grouped_mm's, the activations
+        stay unquantised (quantising them here, compiled, recomputed each row's quantisation in every output's
+        reduction: 3.3x slower, README.md).
         Eagerly, the indexing would copy the weights: the grouped path is for everything else."""
         N, k = ids.shape
-        fp8 = self.gate_up_scale is not None
         pairs = ids.reshape(-1)                                                   # [N*k]
         gate_up, down = self.gate_up_proj[pairs].float(), self.down_proj[ids].float()  # [N*k, 2I, H], [N, k, H, I]
-        if fp8:  # float8: the weights dequantised as they are read, the activations rounded as grouped_mm's are
+        if self.gate_up_scale is not None:  # float8 weights, dequantised as they are read
             gate_up, down = gate_up * self.gate_up_scale[pairs, :, None], down * self.down_scale[ids][..., None]
-        xs = (fp8_round(x) if fp8 else x.float()).repeat_interleave(k, 0)        # [N*k, H]
+        xs = x.float().repeat_interleave(k, 0)                                    # [N*k, H]
         h = (gate_up * xs[:, None, :]).sum(-1)                                    # [N*k, 2I]
         gate, up = h.chunk(2, dim=-1)
         act = (F.gelu(gate, approximate="tanh") * up * weights.reshape(-1, 1)).to(x.dtype)  # as forward_grouped
-        act = fp8_round(act) if fp8 else act.float()
-        y = down * act.view(N, k, 1, -1)                                          # [N, k, H, I]
+        y = down * act.view(N, k, 1, -1).float()                                  # [N, k, H, I]
         return y.sum((1, 3)).to(x.dtype)
 
     def forward_grouped(self, x, weights, ids):
