@@ -702,8 +702,9 @@ def grouped_mm_few_rows(x, w, offsets, rows=None, out_rows=None, scale=None, blo
     aten's there, with MANY_ROWS_TILES (128 x 256) 1.03-1.26x faster (gate/up and down, uniform and skewed
     routing; it multiplies the padding of an expert's last block too, and smaller blocks for that last one were
     slower). A float8 w (with its scale [E, N]): x is quantised per row, tl.dot multiplies the float8 tiles as
-    they arrive, and each product is multiplied by its row's and its column's scale at the end. Widening the
-    weights to bf16 in the kernel instead kept half of the saving (README.md). fp32 runs too (the CPU test runs it
+    they arrive, and each sum is multiplied by its row's and its column's scale at the end. At a canvas's shapes
+    (H200) gate/up took 134 us and down 79 us, against 251 and 130 in bf16 (floors 118 and 59); widening the
+    float8 weights to bf16 in the kernel instead took 208 and 121 (README.md). fp32 runs too (the CPU test runs it
     so in Triton's interpreter), but on the GPU tl.dot would round it to tf32: grouped_mm sends it bf16 only."""
     K = x.shape[1]
     P = x.shape[0] if rows is None else rows.shape[0]
@@ -769,7 +770,8 @@ class Experts(nn.Module):
         (grouped_mm: our Triton kernel where FastPath sets few_rows_kernel, else torch._grouped_mm), with no
         host synchronisation: the fast path on GPU. Compiled, a lone token (an AR step at batch 1) runs
         forward_gathered instead, which reads its k experts in place.
-    to_fp8() stores them in float8 (a scale per row), read by both fast paths: faster, and an approximation."""
+    to_fp8() stores them in float8 (a scale per row) for the grouped path, a lone token's too: faster, and an
+    approximation."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -801,8 +803,10 @@ class Experts(nn.Module):
         """x [N, H], weights/ids [N, k] -> [N, H]"""
         if self.impl == "loop":
             return self.forward_loop(x, weights, ids)
-        if x.shape[0] == 1 and torch.compiler.is_compiling():
-            return self.forward_gathered(x, weights, ids)  # one token (an AR step at batch 1), compiled
+        # one token (an AR step at batch 1), compiled; float8 experts run grouped (gathered, inductor's reductions
+        # over float8 weights made the token 1.18x slower: README.md)
+        if x.shape[0] == 1 and self.gate_up_scale is None and torch.compiler.is_compiling():
+            return self.forward_gathered(x, weights, ids)
         return self.forward_grouped(x, weights, ids)
 
     def forward_loop(self, x, weights, ids):
@@ -819,20 +823,13 @@ class Experts(nn.Module):
         a sum that torch.compile turns into one reduction kernel reading the gathered rows (GEMVs), with no
         sort and no grouped GEMM; the down projection's sum also runs over the k experts. For one token it
         reads 8 experts in 39 us against 75 us for the grouped path (H100, compiled, 26B shape; floor 32 us:
-        README.md). float8 weights (to_fp8) are dequantised as they are read; unlike grouped_mm's, the activations
-        stay unquantised (quantising them here, compiled, recomputed each row's quantisation in every output's
-        reduction: 3.3x slower, README.md).
-        Eagerly, the indexing would copy the weights: the grouped path is for everything else."""
+        README.md). Eagerly, the indexing would copy the weights: the grouped path is for everything else."""
         N, k = ids.shape
-        pairs = ids.reshape(-1)                                                   # [N*k]
-        gate_up, down = self.gate_up_proj[pairs].float(), self.down_proj[ids].float()  # [N*k, 2I, H], [N, k, H, I]
-        if self.gate_up_scale is not None:  # float8 weights, dequantised as they are read
-            gate_up, down = gate_up * self.gate_up_scale[pairs, :, None], down * self.down_scale[ids][..., None]
         xs = x.float().repeat_interleave(k, 0)                                    # [N*k, H]
-        h = (gate_up * xs[:, None, :]).sum(-1)                                    # [N*k, 2I]
+        h = (self.gate_up_proj[ids.reshape(-1)].float() * xs[:, None, :]).sum(-1)  # [N*k, 2I]
         gate, up = h.chunk(2, dim=-1)
         act = (F.gelu(gate, approximate="tanh") * up * weights.reshape(-1, 1)).to(x.dtype)  # as forward_grouped
-        y = down * act.view(N, k, 1, -1).float()                                  # [N, k, H, I]
+        y = self.down_proj[ids].float() * act.view(N, k, 1, -1).float()          # [N, k, H, I]
         return y.sum((1, 3)).to(x.dtype)
 
     def forward_grouped(self, x, weights, ids):
