@@ -651,23 +651,27 @@ def quantize_fp8(x):
 
 
 FEW_ROWS = 4096  # grouped_mm: up to this many rows (pairs: a 256-token canvas has 2,048) run grouped_mm_few_rows
-# with its default tiles; more rows (a prefill chunk: 128 per expert on average at 2,048 tokens) with these
+# with its default tiles (with float8 experts FP8_TILES); more rows (a prefill chunk: 128 per expert on average at
+# 2,048 tokens) with MANY_ROWS_TILES
+FP8_TILES = dict(block_k=128, stages=4)
 MANY_ROWS_TILES = dict(block_m=128, block_n=256, block_k=64, warps=8, stages=4)
 
 
 def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None):
     """Rows of x [P, in], grouped by expert (offsets [E]: each group's end row), times their expert's
-    w [E, out, in] transposed -> [P, out]. rows [P] (optional): grouped row r is x[rows[r]] (x may then have
-    any number of rows); out_rows [P] (optional, a permutation): grouped row r's product goes to output row
-    out_rows[r]. kernel=True (FastPath on an Ampere or later GPU, Experts.few_rows_kernel): in bf16, outside
-    autograd, our Triton kernel (grouped_mm_few_rows) runs, which reads and writes rows where they are: with its
-    default tiles up to FEW_ROWS rows (it streams the weights faster), else with MANY_ROWS_TILES (a prefill chunk:
-    on an H200 a 4k prefill took 0.95x its time with aten's grouped GEMM, README.md). Otherwise grouped_mm_sorted
-    runs on the gathered rows and its products are gathered back by out_rows' inverse (compiled, that gather
-    fuses into the kernel that reads the output)."""
+    w [E, out, in] transposed -> [P, out]. A float8 w (Experts.to_fp8) comes with a decode scale per output row,
+    scale [E, out]; then each row of x is quantised to float8 with a scale of its own too. rows [P] (optional):
+    grouped row r is x[rows[r]] (x may then have any number of rows); out_rows [P] (optional, a permutation):
+    grouped row r's product goes to output row out_rows[r]. kernel=True (FastPath on an Ampere or later GPU,
+    Experts.few_rows_kernel): in bf16, outside autograd, our Triton kernel (grouped_mm_few_rows) runs, which reads
+    and writes rows where they are: with its default tiles up to FEW_ROWS rows (it streams the weights faster),
+    else with MANY_ROWS_TILES (a prefill chunk: on an H200 a 4k prefill took 0.95x its time with aten's grouped
+    GEMM, README.md). Otherwise grouped_mm_sorted runs on the gathered rows and its products are gathered back by
+    out_rows' inverse (compiled, that gather fuses into the kernel that reads the output)."""
     P = x.shape[0] if rows is None else rows.shape[0]
-    if kernel and scale is None and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-        return grouped_mm_few_rows(x, w, offsets, rows, out_rows, **({} if P <= FEW_ROWS else MANY_ROWS_TILES))
+    if kernel and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        tiles = MANY_ROWS_TILES if P > FEW_ROWS else FP8_TILES if scale is not None else {}
+        return grouped_mm_few_rows(x, w, offsets, rows, out_rows, scale, **tiles)
     out = grouped_mm_sorted(x if rows is None else x[rows], w, offsets, scale)
     if out_rows is None:
         return out
@@ -677,22 +681,18 @@ def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None
 
 
 def grouped_mm_sorted(x, w, offsets, scale=None):
-    """grouped_mm's rows in order, by aten's grouped GEMM. A float8 w (Experts.to_fp8) comes with a decode scale
-    per output row, scale [E, out]: then x is quantised per row too and, on CUDA, one scaled grouped GEMM runs
-    (fp32 sums of the exact fp8 products, then both scales); elsewhere the same sums in fp32 from the
-    dequantised operands: the reference that a GPU test compares the kernel with."""
-    if scale is None:
-        return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
-    xq, x_scale = quantize_fp8(x)
-    if x.is_cuda:
-        return torch._scaled_grouped_mm(xq, w.transpose(1, 2), x_scale, scale, offs=offsets, out_dtype=torch.bfloat16)
-    xd, wd = xq.float() * x_scale[:, None], w.float() * scale[..., None]
-    return torch._grouped_mm(xd, wd.transpose(1, 2), offs=offsets).to(x.dtype)
+    """grouped_mm's rows in order, by aten's grouped GEMM. With a float8 w and its scale [E, out], both operands
+    are dequantised first (x quantised per row and back) and multiplied in x's dtype: a copy of the whole
+    projection, so this is the reference that the kernel's tests compare with, not a fast path."""
+    if scale is not None:
+        xq, x_scale = quantize_fp8(x)
+        x, w = (xq.float() * x_scale[:, None]).to(x.dtype), (w.float() * scale[..., None]).to(x.dtype)
+    return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
 
 
-def grouped_mm_few_rows(x, w, offsets, rows=None, out_rows=None, block_m=64, block_n=128, block_k=64, warps=8,
-                        stages=None):
-    """grouped_mm (no scale) for a few rows per expert, as in a denoising step or a commit: each
+def grouped_mm_few_rows(x, w, offsets, rows=None, out_rows=None, scale=None, block_m=64, block_n=128, block_k=64,
+                        warps=8, stages=None):
+    """grouped_mm for a few rows per expert, as in a denoising step or a commit: each
     program reads one tile of block_n output rows of one expert's w, for all of that expert's rows of x
     (block_m at a time), so the pass streams the weights and little else. Consecutive programs read neighbouring
     tiles of one expert, and a short reduction (K <= 1,024: the down projection) keeps 4 tiles in flight instead
@@ -701,30 +701,39 @@ def grouped_mm_few_rows(x, w, offsets, rows=None, out_rows=None, block_m=64, blo
     Many rows per expert (a 2,048-token prefill chunk) re-read the tiles: with these tiles it was 1.8x slower than
     aten's there, with MANY_ROWS_TILES (128 x 256) 1.03-1.26x faster (gate/up and down, uniform and skewed
     routing; it multiplies the padding of an expert's last block too, and smaller blocks for that last one were
-    slower). fp32 runs too (the CPU test runs it so in Triton's interpreter), but on the GPU tl.dot would
-    round it to tf32: grouped_mm sends it bf16 only."""
+    slower). A float8 w (with its scale [E, N]): x is quantised per row, tl.dot multiplies the float8 tiles as
+    they arrive, and each sum is multiplied by its row's and its column's scale at the end. At a canvas's shapes
+    (H200) gate/up took 134 us and down 79 us, against 251 and 130 in bf16 (floors 118 and 59); widening the
+    float8 weights to bf16 in the kernel instead took 208 and 121 (README.md). fp32 runs too (the CPU test runs it
+    so in Triton's interpreter), but on the GPU tl.dot would round it to tf32: grouped_mm sends it bf16 only."""
     K = x.shape[1]
     P = x.shape[0] if rows is None else rows.shape[0]
     E, N, _ = w.shape
-    x, w = x.contiguous(), w.contiguous()
     out = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    x_scale = None
+    if scale is not None:
+        x, x_scale = quantize_fp8(x)
+    x, w = x.contiguous(), w.contiguous()
     block_n = min(block_n, max(16, triton.next_power_of_2(N)))  # tiles no larger than a small model needs
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
     stages = stages or (4 if K <= 1024 else 3)
     grouped_mm_kernel[(triton.cdiv(N, block_n), E)](
-        x, w, out, offsets, x if rows is None else rows, x if out_rows is None else out_rows, N, K,
-        GATHER=rows is not None, SCATTER=out_rows is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+        x, w, out, offsets, x if rows is None else rows, x if out_rows is None else out_rows,
+        x if scale is None else x_scale, x if scale is None else scale.contiguous(), N, K,
+        GATHER=rows is not None, SCATTER=out_rows is not None, FP8=scale is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def grouped_mm_kernel(x_ptr, w_ptr, out_ptr, ends_ptr, rows_ptr, out_rows_ptr, N, K, GATHER: tl.constexpr,
-                          SCATTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def grouped_mm_kernel(x_ptr, w_ptr, out_ptr, ends_ptr, rows_ptr, out_rows_ptr, x_scale_ptr, w_scale_ptr, N, K,
+                          GATHER: tl.constexpr, SCATTER: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[m', n] = sum_k x[m'', k] w[e, n, k] for the grouped rows m of expert e, where m'' = rows[m] if
         GATHER else m, and m' = out_rows[m] if SCATTER else m: x [*, K], w [E, N, K], out [P, N] (contiguous),
-        ends [E] (the end row of each expert's group). Program (j, e): expert e, output columns j*BLOCK_N
+        ends [E] (the end row of each expert's group). FP8: x and w are float8, and the sums are multiplied by
+        x_scale[m''] and w_scale[e, n]. Program (j, e): expert e, output columns j*BLOCK_N
         onwards (so consecutive programs read consecutive tiles of w); an expert without rows reads nothing."""
         e = tl.program_id(1)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                  # [BLOCK_N] output columns
@@ -746,6 +755,9 @@ if triton is not None:
                 a = tl.load(x_ptr + src[:, None] * K + (k0 + k)[None, :], mask=m_ok & k_ok, other=0.0)
                 b = tl.load(w_tile + k0, mask=(n[:, None] < N) & k_ok, other=0.0)
                 acc = tl.dot(a, tl.trans(b), acc)
+            if FP8:
+                acc *= tl.load(x_scale_ptr + src, mask=m < end, other=0.0)[:, None]
+                acc *= tl.load(w_scale_ptr + e * N + n, mask=n < N, other=0.0)[None, :]
             tl.store(out_ptr + dst[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=m_ok & (n[None, :] < N))
 
@@ -758,7 +770,8 @@ class Experts(nn.Module):
         (grouped_mm: our Triton kernel where FastPath sets few_rows_kernel, else torch._grouped_mm), with no
         host synchronisation: the fast path on GPU. Compiled, a lone token (an AR step at batch 1) runs
         forward_gathered instead, which reads its k experts in place.
-    to_fp8() turns the grouped path into a float8 one (per-row scales): faster, and an approximation."""
+    to_fp8() stores them in float8 (a scale per row) for the grouped path, a lone token's too: faster, and an
+    approximation."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -772,8 +785,9 @@ class Experts(nn.Module):
     @torch.no_grad()
     def to_fp8(self):
         """Stores both projections as float8 e4m3 with one fp32 scale per output row of each expert: half
-        the bytes a pass streams, at the cost of exactness (inference only; runs grouped). Quantised one
-        expert at a time: the extra memory is one projection's float8 copy and one expert's fp32 temporaries."""
+        the bytes a pass streams, at the cost of exactness (inference only; runs grouped; call it before
+        FastPath, which picks the kernels). Quantised one expert at a time: the extra memory is one projection's
+        float8 copy and one expert's fp32 temporaries."""
         for name in ("gate_up_proj", "down_proj"):
             w = getattr(self, name)
             q = torch.empty(w.shape, dtype=FP8, device=w.device)
@@ -789,8 +803,10 @@ class Experts(nn.Module):
         """x [N, H], weights/ids [N, k] -> [N, H]"""
         if self.impl == "loop":
             return self.forward_loop(x, weights, ids)
+        # one token (an AR step at batch 1), compiled; float8 experts run grouped (gathered, inductor's reductions
+        # over float8 weights made the token 1.18x slower: README.md)
         if x.shape[0] == 1 and self.gate_up_scale is None and torch.compiler.is_compiling():
-            return self.forward_gathered(x, weights, ids)  # one token (an AR step at batch 1), compiled
+            return self.forward_gathered(x, weights, ids)
         return self.forward_grouped(x, weights, ids)
 
     def forward_loop(self, x, weights, ids):
@@ -2044,10 +2060,14 @@ class FastPath:
             for layer in model.layers:
                 layer.stream = stream
         # our Triton kernels for the experts (few_rows_kernel) and the attention (decode_kernel: an AR token's, a
-        # prefill chunk's full-layer softmax); their bf16 products need an Ampere or later GPU
-        kernel = cuda and triton is not None and torch.cuda.get_device_capability(self.device) >= (8, 0)
+        # prefill chunk's full-layer softmax); their bf16 products need an Ampere or later GPU, Triton's float8
+        # (experts_to_fp8, before FastPath) an sm89 or later one
+        capability = torch.cuda.get_device_capability(self.device) if cuda else (0, 0)
+        kernel = cuda and triton is not None and capability >= (8, 0)
         for layer in model.layers:
-            layer.experts.few_rows_kernel = layer.self_attn.decode_kernel = kernel
+            fp8 = layer.experts.gate_up_scale is not None
+            layer.experts.few_rows_kernel = kernel and (capability >= (8, 9) or not fp8)
+            layer.self_attn.decode_kernel = kernel
         # a prefill chunk's sliding layers by compiled flex attention: only the blocks of keys their window shows
         model.flex_rows = prefill_chunk if kernel and prefill_chunk % FLEX_BLOCK == 0 else 0
         if model.flex_rows:

@@ -145,7 +145,7 @@ def benchmark(args, model, run, fast, device, T):
           f"{'Triton' if fast.sampler is dg.sampler_kernels else 'eager'} sampler, "
           f"{'compiled' if fast.compiled_layers else 'eager'} layers{' (autotuned)' if args.autotune else ''}, "
           f"{'fp8 experts' if args.fp8 else 'bf16 experts'}"
-          f"{' (our Triton kernel)' if model.layers[0].experts.few_rows_kernel and not args.fp8 else ''}")
+          f"{' (our Triton kernel)' if model.layers[0].experts.few_rows_kernel else ''}")
     print(f"{'pass':8} {'calls':>6} {'median ms':>10} {'weights GB':>11} {'floor ms':>9} {'of copy bw':>11}")
     for name, ms in times.items():
         tokens, head = passes[name]

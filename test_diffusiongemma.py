@@ -292,7 +292,7 @@ _, ends = dg.sort_pairs(expert, E)
 x, w = torch.randn(300, K, generator=g), torch.randn(E, N, K, generator=g)
 want = torch._grouped_mm(x, w.transpose(1, 2), offs=ends)
 for blocks in ((64, 128, 64), (16, 32, 32)):  # the default tiles; tiles that split N and K unevenly
-    got = dg.grouped_mm_few_rows(x, w, ends, None, None, *blocks)
+    got = dg.grouped_mm_few_rows(x, w, ends, None, None, None, *blocks)
     print(((got - want).abs().max() / want.abs().max()).item())
 got = dg.grouped_mm_few_rows(x, w, ends, **dg.MANY_ROWS_TILES)  # a prefill chunk's tiles
 print(((got - want).abs().max() / want.abs().max()).item())
@@ -301,6 +301,12 @@ x_few, rows, out_rows = x[:30], torch.randint(0, 30, (300,), generator=g), torch
 want = torch.empty_like(want).index_copy(0, out_rows, torch._grouped_mm(x_few[rows], w.transpose(1, 2), offs=ends))
 got = dg.grouped_mm_few_rows(x_few, w, ends, rows, out_rows)
 print(((got - want).abs().max() / want.abs().max()).item())
+# float8 weights with a scale per output row (Experts.to_fp8; x quantised per row), against the dequantised product
+w8, scale = dg.quantize_fp8(w)
+want = dg.grouped_mm_sorted(x, w8, ends, scale)
+for blocks in ((64, 128, 64), (16, 32, 32)):
+    got = dg.grouped_mm_few_rows(x, w8, ends, None, None, scale, *blocks)
+    print(((got - want).abs().max() / want.abs().max()).item())
 """
 
 
@@ -309,9 +315,10 @@ def test_few_rows_grouped_kernel_matches_aten_in_triton_interpreter():
     """grouped_mm_few_rows, the Triton kernel of the denoising step's experts, run by Triton's CPU interpreter in
     fp32 (the interpreter's bf16 products are wrong), computes torch._grouped_mm: experts without rows, an
     expert with more rows than a tile, output and input sizes that the tiles do not divide, the tiles of a prefill
-    chunk (MANY_ROWS_TILES), and rows read and written by index (rows, out_rows)."""
+    chunk (MANY_ROWS_TILES), rows read and written by index (rows, out_rows), and float8 weights with their
+    scales, against grouped_mm_sorted's dequantised reference."""
     errors = interpreted(FEW_ROWS_CHECK)
-    assert len(errors) == 4 and max(errors) < 1e-5, errors
+    assert len(errors) == 6 and max(errors) < 1e-5, errors
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
@@ -519,20 +526,28 @@ def test_fp8_experts_approximate_bf16(tmp_path):
     assert not os.listdir(tmp_path)  # nothing half-written
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
-                    reason="the float8 scaled grouped GEMM needs an sm90+ CUDA GPU")
-def test_fp8_grouped_kernel_matches_reference():
-    """On the GPU, torch._scaled_grouped_mm computes what grouped_mm's fp32 reference computes (the sums of
-    the same dequantised float8 operands)."""
-    g = torch.Generator().manual_seed(0)
-    E, H, out = 8, 256, 384
-    w, scale = dg.quantize_fp8(torch.randn(E, out, H, generator=g) * 0.02)
-    x = torch.randn(100, H, generator=g).bfloat16()
-    offsets = torch.tensor([0, 10, 10, 30, 55, 70, 99, 100], dtype=torch.int32)
-    ref = dg.grouped_mm(x, w, offsets, scale)  # CPU: the reference
-    got = dg.grouped_mm(x.cuda(), w.cuda(), offsets.cuda(), scale.cuda()).cpu().float()
-    # the same up to bf16 output rounding (and an fp32 division ulp that may tip one activation's fp8 rounding)
-    assert ((got - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON
+                         and torch.cuda.get_device_capability() >= (8, 9)),
+                    reason="Triton's float8 e4m3 needs an sm89+ CUDA GPU")
+def test_fp8_grouped_kernel_matches_reference_on_gpu():
+    """On the GPU in bf16, grouped_mm(kernel=True) with float8 weights (grouped_mm_few_rows: activations quantised
+    per row, float8 products) gives grouped_mm_sorted's dequantised reference up to bf16 rounding, at the 26B
+    experts' sizes with a skewed routing, for a canvas (FP8_TILES) and a prefill chunk (MANY_ROWS_TILES); and a
+    FastPath over float8 experts picks the kernel."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    E, H, I = 128, 2816, 704
+    for T, (N, K) in itertools.product((256, 2048), ((2 * I, H), (H, I))):
+        logits = torch.randn(T, E, device="cuda", generator=g) + torch.linspace(0, 3, E, device="cuda")
+        _, ends = dg.sort_pairs(logits.topk(8, -1).indices.reshape(-1), E)
+        x = torch.randn(T * 8, K, device="cuda", generator=g).bfloat16()
+        w, scale = dg.quantize_fp8(torch.randn(E, N, K, device="cuda", generator=g) * 0.02)
+        want = dg.grouped_mm_sorted(x, w, ends, scale).float()
+        with torch.no_grad():
+            got = dg.grouped_mm(x, w, ends, scale, kernel=True).float()
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
+    model = randomise_(DiffusionGemma(tiny_config())).to("cuda", torch.bfloat16).experts_to_fp8()
+    dg.FastPath(model, capacity=64)
+    assert all(layer.experts.few_rows_kernel for layer in model.layers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="max-autotune's Triton GEMM templates need a CUDA GPU")
