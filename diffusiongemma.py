@@ -662,12 +662,13 @@ def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None
     w [E, out, in] transposed -> [P, out]. A float8 w (Experts.to_fp8) comes with a decode scale per output row,
     scale [E, out]; then each row of x is quantised to float8 with a scale of its own too. rows [P] (optional):
     grouped row r is x[rows[r]] (x may then have any number of rows); out_rows [P] (optional, a permutation):
-    grouped row r's product goes to output row out_rows[r]. kernel=True (FastPath on an Ampere or later GPU,
-    Experts.few_rows_kernel): in bf16, outside autograd, our Triton kernel (grouped_mm_few_rows) runs, which reads
-    and writes rows where they are: with its default tiles up to FEW_ROWS rows (it streams the weights faster),
-    else with MANY_ROWS_TILES (a prefill chunk: on an H200 a 4k prefill took 0.95x its time with aten's grouped
-    GEMM, README.md). Otherwise grouped_mm_sorted runs on the gathered rows and its products are gathered back by
-    out_rows' inverse (compiled, that gather fuses into the kernel that reads the output)."""
+    grouped row r's product goes to output row out_rows[r]. kernel=True (FastPath on an Ampere or later GPU, for
+    float8 an sm89 or later one: Experts.few_rows_kernel): in bf16, outside autograd, our Triton kernel
+    (grouped_mm_few_rows) runs, which reads and writes rows where they are: up to FEW_ROWS rows with its default
+    tiles (FP8_TILES for float8; they stream the weights faster), else with MANY_ROWS_TILES (a prefill chunk: on
+    an H200 a 4k prefill took 0.95x its time with aten's grouped GEMM, README.md). Otherwise grouped_mm_sorted runs
+    on the gathered rows and its products are gathered back by out_rows' inverse (compiled, that gather fuses into
+    the kernel that reads the output)."""
     P = x.shape[0] if rows is None else rows.shape[0]
     if kernel and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
         tiles = MANY_ROWS_TILES if P > FEW_ROWS else FP8_TILES if scale is not None else {}

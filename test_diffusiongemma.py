@@ -321,18 +321,25 @@ def test_few_rows_grouped_kernel_matches_aten_in_triton_interpreter():
     assert len(errors) == 6 and max(errors) < 1e-5, errors
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
-def test_few_rows_grouped_kernel_matches_aten_on_gpu():
-    """On the GPU in bf16, grouped_mm(kernel=True) (which runs grouped_mm_few_rows outside autograd, as a
-    FastPath's experts do) gives torch._grouped_mm's results up to bf16 rounding, at the 26B experts' sizes with a
-    skewed routing, for a canvas (its default tiles) and a prefill chunk (MANY_ROWS_TILES)."""
+def skewed_expert_gemms():
+    """The 26B experts' GEMMs on the GPU, routed with a skew (later experts get more rows), for a canvas (256
+    tokens) and a prefill chunk (2,048), gate/up and down: yields x [T*8, K] bf16, w [128, N, K] fp32, ends."""
     g = torch.Generator(device="cuda").manual_seed(0)
     E, H, I = 128, 2816, 704
     for T, (N, K) in itertools.product((256, 2048), ((2 * I, H), (H, I))):
         logits = torch.randn(T, E, device="cuda", generator=g) + torch.linspace(0, 3, E, device="cuda")
         _, ends = dg.sort_pairs(logits.topk(8, -1).indices.reshape(-1), E)
         x = torch.randn(T * 8, K, device="cuda", generator=g).bfloat16()
-        w = (torch.randn(E, N, K, device="cuda", generator=g) * 0.02).bfloat16()
+        yield x, torch.randn(E, N, K, device="cuda", generator=g) * 0.02, ends
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
+def test_few_rows_grouped_kernel_matches_aten_on_gpu():
+    """On the GPU in bf16, grouped_mm(kernel=True) (which runs grouped_mm_few_rows outside autograd, as a
+    FastPath's experts do) gives torch._grouped_mm's results up to bf16 rounding, at the 26B experts' sizes with a
+    skewed routing, for a canvas (its default tiles) and a prefill chunk (MANY_ROWS_TILES)."""
+    for x, w, ends in skewed_expert_gemms():
+        w = w.bfloat16()
         want = torch._grouped_mm(x, w.transpose(1, 2), offs=ends).float()
         with torch.no_grad():
             got = dg.grouped_mm(x, w, ends, kernel=True).float()
@@ -534,13 +541,8 @@ def test_fp8_grouped_kernel_matches_reference_on_gpu():
     per row, float8 products) gives grouped_mm_sorted's dequantised reference up to bf16 rounding, at the 26B
     experts' sizes with a skewed routing, for a canvas (FP8_TILES) and a prefill chunk (MANY_ROWS_TILES); and a
     FastPath over float8 experts picks the kernel."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    E, H, I = 128, 2816, 704
-    for T, (N, K) in itertools.product((256, 2048), ((2 * I, H), (H, I))):
-        logits = torch.randn(T, E, device="cuda", generator=g) + torch.linspace(0, 3, E, device="cuda")
-        _, ends = dg.sort_pairs(logits.topk(8, -1).indices.reshape(-1), E)
-        x = torch.randn(T * 8, K, device="cuda", generator=g).bfloat16()
-        w, scale = dg.quantize_fp8(torch.randn(E, N, K, device="cuda", generator=g) * 0.02)
+    for x, w, ends in skewed_expert_gemms():
+        w, scale = dg.quantize_fp8(w)
         want = dg.grouped_mm_sorted(x, w, ends, scale).float()
         with torch.no_grad():
             got = dg.grouped_mm(x, w, ends, scale, kernel=True).float()
