@@ -48,6 +48,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from functools import partial
+from itertools import accumulate
 
 import torch
 import torch.nn as nn
@@ -651,8 +652,8 @@ def quantize_fp8(x):
 
 
 FEW_ROWS = 4096  # grouped_mm: up to this many rows (pairs: a 256-token canvas has 2,048) run grouped_mm_few_rows
-# with its default tiles (float8 experts with FP8_TILES); more rows (a prefill chunk: 128 per expert on average at
-# 2,048 tokens) with MANY_ROWS_TILES
+# with its default tiles (float8 experts with FP8_TILES); more rows (a prefill chunk: 256 per expert on average at
+# 4,096 tokens) with MANY_ROWS_TILES
 FP8_TILES = dict(block_k=128, stages=4)  # float8 tiles are half the bytes: twice the reduction per step (README.md)
 MANY_ROWS_TILES = dict(block_m=128, block_n=256, block_k=64, warps=8, stages=4)
 
@@ -1205,7 +1206,7 @@ class DiffusionGemma(nn.Module):
         self._inv_freq = {}  # device -> {layer type: fp32 inverse frequencies}; kept out of .to(dtype)
         self.head_chunk = head_chunk  # one vocabulary chunk of the head (compile_layers swaps in a compiled one)
         self.step_inputs = self.pass_inputs  # pass_inputs for passes of at most a canvas (compiled: compile_layers)
-        self.flex_rows = 0  # passes of this many tokens give sliding layers a BlockMask (FastPath: its prefill chunk)
+        self.flex_rows = ()  # passes of these many tokens give sliding layers a BlockMask (FastPath: its prefill chunks)
         # sqrt(H) rounded to each float dtype the weights may have (Python numbers: no tensor, no sync)
         self._embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt, device="cpu").item()
                              for dt in (torch.float32, torch.bfloat16, torch.float16)}
@@ -1259,7 +1260,7 @@ class DiffusionGemma(nn.Module):
                 window = None  # every canvas query sees the whole cached tail and the canvas
             mask = attention_mask(positions, torch.cat([ctx_pos, own_pos]), torch.cat([ctx_valid, own_valid], 1),
                                   causal=encoder, window=window, band=not encoder)
-            flex = kind == SLIDING and T == self.flex_rows and mask.shape[-1] % FLEX_BLOCK == 0
+            flex = kind == SLIDING and T in self.flex_rows and mask.shape[-1] % FLEX_BLOCK == 0
             masks[kind] = block_mask(mask) if flex else attention_bias(mask, dtype)
         return rope, masks
 
@@ -2022,6 +2023,23 @@ def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id
 # -----------------------------------------------------------------------------
 # The fast path (GPU): a static KV cache, CUDA graphs, no host synchronisation
 
+def prefill_chunks(T, n):
+    """A prompt of T tokens as FastPath.prefill's chunks [(start, end)]: as many chunks of n tokens as fit, one
+    of n // 2 if what is left has that many, and what is then left (the remainder) first. Only two chunk lengths
+    recur, so compiled layers compile only those two, and any prompt of at least n // 2 tokens runs mostly
+    compiled. Longer chunks launch fewer kernels and give each expert more rows: on an H200 a 4k prefill in one
+    chunk of 4,096 took 0.77x the time of two chunks of 2,048, whose launches the host could not keep ahead of
+    (README.md). A full-width layer's chunk of n tokens keeps its scores under attend's max_scores for up to
+    2^27 / n keys at batch 1 (32k at n = 4,096); beyond that it runs SDPA's memory-efficient kernel."""
+    half = n // 2
+    full, rest = divmod(T, n)
+    halves = int(0 < half <= rest)
+    r = rest - halves * half
+    lengths = ([r] if r else []) + [half] * halves + [n] * full
+    ends = list(accumulate(lengths))
+    return list(zip([0] + ends[:-1], ends))
+
+
 class FastPath:
     """Runs the passes of generate / generate_ar the fast way, for one batch size, up to `capacity` tokens:
       * the experts as grouped GEMMs (Experts.forward_grouped); masks and positions are device tensors,
@@ -2037,8 +2055,8 @@ class FastPath:
       * a StaticKVCache, so a pass over a fixed number of tokens (denoise a canvas, commit a block, one
         autoregressive token) has fixed shapes and addresses: on CUDA each is recorded once as a CUDA
         graph and replayed, with no Python and no launch overhead (a pass is ~2,000 kernels, which take
-        longer to launch one by one than to run). The prompt's prefill runs prefill_chunk tokens at a
-        time, not recorded;
+        longer to launch one by one than to run). The prompt's prefill runs in chunks of at most prefill_chunk
+        tokens (prefill_chunks), not recorded;
       * the 262k-vocabulary head and self-conditioning product vocab_chunk rows at a time, the sampler
         sampler_rows positions at a time: fp32 temporaries stay a few [chunk or rows, V].
     The modules and the math are the plain path's; tests check that both give the same tokens. Build it
@@ -2049,7 +2067,7 @@ class FastPath:
     chunks run them too (README.md has the figures at the 26B shape). timing: time every pass with CUDA
     events."""
 
-    def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=2048, vocab_chunk=32768,
+    def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=4096, vocab_chunk=32768,
                  sampler_rows=None, sampler_kernel=False, compile_layers=False, autotune=False, timing=False):
         cfg, w = model.cfg, model.embed_tokens.weight
         self.model, self.device, self.dtype = model, w.device, w.dtype
@@ -2070,7 +2088,7 @@ class FastPath:
             layer.experts.few_rows_kernel = kernel and (capability >= (8, 9) or not fp8)
             layer.self_attn.decode_kernel = kernel
         # a prefill chunk's sliding layers by compiled flex attention: only the blocks of keys their window shows
-        model.flex_rows = prefill_chunk if kernel and prefill_chunk % FLEX_BLOCK == 0 else 0
+        model.flex_rows = tuple(n for n in (prefill_chunk, prefill_chunk // 2) if kernel and n % FLEX_BLOCK == 0)
         if model.flex_rows:
             flex = partial(torch.compile(flex_attention, dynamic=False), kernel_options=FLEX_TILES)
             for layer in model.layers:
@@ -2109,16 +2127,14 @@ class FastPath:
         self.cache.reset()
 
     def prefill(self, ids, valid):
-        """The encoder over the prompt ids [B, T], prefill_chunk tokens at a time. The first chunk takes the
-        remainder (T % prefill_chunk), so every later one has the same length: with compiled layers those run
-        compiled (one more shape to compile, once; on an H200 a 4k prefill took 115-131 ms against 162-210 ms
-        eager, README.md) and the remainder runs eagerly, so that no prompt length adds a compile.
-        Returns the last chunk's final hidden states."""
-        T, n = ids.shape[1], self.prefill_chunk
-        starts = ([0] if T % n else []) + list(range(T % n, T, n))
+        """The encoder over the prompt ids [B, T], in the chunks of prefill_chunks(T, prefill_chunk). With
+        compiled layers, chunks of prefill_chunk or prefill_chunk // 2 tokens run compiled (each length compiles
+        once) and the remainder eagerly, so that no prompt length adds a compile. Returns the last chunk's final
+        hidden states."""
+        n = self.prefill_chunk
         with self._timed("prefill"):
-            for a, b in zip(starts, starts[1:] + [T]):
-                force_eager = self.compiled_layers and b - a != n  # the remainder chunk, with compiled layers
+            for a, b in prefill_chunks(ids.shape[1], n):
+                force_eager = self.compiled_layers and b - a not in (n, n // 2)  # the remainder
                 with torch.compiler.set_stance("force_eager") if force_eager else contextlib.nullcontext():
                     h = self.model.encode(ids[:, a:b], self.cache, valid[:, a:b])
         return h

@@ -1029,27 +1029,41 @@ def test_block_mask_with_flex_attention_matches_the_dense_mask():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton"))])
 def test_fast_path_prefill_with_flex_attention_matches_plain(tiny_ckpt, device):
-    """With model.flex_rows set to its prefill chunk (FastPath sets it on a GPU, where flex attention runs
-    compiled; on the CPU the test sets it, and flex runs eagerly), a prefill's full chunks give their sliding layers
-    BlockMasks, and the logits after it match the plain path's: a prompt of a remainder and two chunks of 128, a
-    window of 60 (a ring of 128 slots, so that the chunk's keys come in whole blocks)."""
+    """With model.flex_rows set to its prefill chunks' two lengths (FastPath sets them on a GPU, where flex attention
+    runs compiled; on the CPU the test sets them, and flex runs eagerly), a prefill's full and half chunks give
+    their sliding layers BlockMasks, and the logits after it match the plain path's: a prompt of a remainder, a
+    chunk of 128 and one of 256, a window of 60 (a ring of 128 slots, so that the chunk's keys come in whole
+    blocks)."""
     model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window=60, device=device)
     g = torch.Generator().manual_seed(7)
-    ids, valid = dg.left_pad([[2] + torch.randint(3, 500, (265,), generator=g).tolist(), [2, 7, 8]], 0, device)
+    ids, valid = dg.left_pad([[2] + torch.randint(3, 500, (393,), generator=g).tolist(), [2, 7, 8]], 0, device)
     canvas = torch.randint(0, 512, (2, 16), generator=g).to(device)
     with torch.no_grad():
         cache = model.new_cache(2)
         model.encode(ids, cache, valid)
         want = model.denoise(canvas, cache).cpu()
-        fast = dg.FastPath(model, batch_size=2, capacity=512, prefill_chunk=128)
-        assert model.flex_rows == (128 if device == "cuda" else 0)
-        model.flex_rows = 128
+        fast = dg.FastPath(model, batch_size=2, capacity=512, prefill_chunk=256)
+        assert model.flex_rows == ((256, 128) if device == "cuda" else ())
+        model.flex_rows = (256, 128)
+        assert [b - a for a, b in dg.prefill_chunks(ids.shape[1], 256)] == [10, 128, 256]
         fast.start(2, ids.shape[1] + 16)
-        rope, masks = model.pass_inputs(torch.arange(128, device=device), fast.cache, valid[:, :128], True,
-                                        model.inv_freq(device), 2, torch.float32)
-        assert isinstance(masks[dg.SLIDING], dg.BlockMask) and not isinstance(masks[dg.FULL], dg.BlockMask)
+        for T in (128, 256):
+            rope, masks = model.pass_inputs(torch.arange(T, device=device), fast.cache, valid[:, :T], True,
+                                            model.inv_freq(device), 2, torch.float32)
+            assert isinstance(masks[dg.SLIDING], dg.BlockMask) and not isinstance(masks[dg.FULL], dg.BlockMask)
         fast.prefill(ids, valid)
         assert rel_err(fast.denoise(canvas, None).cpu(), want) < 1e-5
+
+
+def test_prefill_chunks():
+    """A prompt's chunks: the remainder first, then at most one half chunk, then full chunks; they tile the
+    prompt, and only the remainder has a length of its own."""
+    for T, n, lengths in ((4096, 4096, [4096]), (3000, 4096, [952, 2048]), (7000, 4096, [856, 2048, 4096]),
+                          (8192, 4096, [4096, 4096]), (2048, 4096, [2048]), (5, 4096, [5]), (22, 7, [1, 7, 7, 7]),
+                          (6, 7, [3, 3]), (3, 1, [1, 1, 1])):
+        chunks = dg.prefill_chunks(T, n)
+        assert [b - a for a, b in chunks] == lengths
+        assert chunks[0][0] == 0 and chunks[-1][1] == T and all(x[1] == y[0] for x, y in zip(chunks, chunks[1:]))
 
 
 def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
