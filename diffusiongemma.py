@@ -1021,7 +1021,7 @@ class StaticKVCache:
       * full layers: S = capacity slots; position p lives in slot p;
       * sliding layers: a ring of S >= window - 1 + canvas slots; position p lives in slot p % S;
       * after the S slots, a tail of `canvas` slots where a pass puts its own keys/values (keys_values);
-        a longer pass (a prefill chunk) reads only the full layers' written slots (read_slots).
+        a longer pass (a prefill chunk) reads only the slots written so far (read_slots).
     An encoder pass also stores its keys/values in their slots, in the same indexed write (store_kv).
     Per slot, `pos` holds the position written there (EMPTY before any) and `valid` whether it is a real
     token; visible() turns them into what KVCache.visible() returns, as a mask over all the slots. The length
@@ -1071,7 +1071,7 @@ class StaticKVCache:
 
     def keys_values(self, layer, k, v, positions=None):
         """The pass's own k, v go to the tail, so attention reads one buffer and nothing is concatenated
-        (a pass longer than the tail, a prefill chunk, concatenates). positions [T] (an encoder pass) also
+        (a pass longer than the tail, a prefill chunk, concatenates: read_slots). positions [T] (an encoder pass) also
         stores the last min(T, S) tokens in their slots, for later passes; the masks see them only after
         advance(), and a slot overwritten here held a token that no query of this pass may see. Returns the
         cache's S slots and padded(T) tail slots (see own_keys); a long pass, the first read_slots() slots and
@@ -1079,9 +1079,9 @@ class StaticKVCache:
         kind, T = self.cfg.layer_types[layer], k.shape[2]
         S, KV = self.slots[kind], self.kv[layer]
         K, V = KV
-        if T > K.shape[2] - S:  # the concatenation is a copy: then the ring may be overwritten
+        if T > K.shape[2] - S:  # a copy (none when no slot is read): the ring may then be overwritten
             R = self.read_slots(kind, T)
-            joined = torch.cat([K[:, :, :R], k], dim=2), torch.cat([V[:, :, :R], v], dim=2)
+            joined = (k, v) if R == 0 else (torch.cat([K[:, :, :R], k], dim=2), torch.cat([V[:, :, :R], v], dim=2))
             if positions is not None:
                 self.store(KV, k, v, S, None, positions)
             return joined
@@ -1090,11 +1090,15 @@ class StaticKVCache:
 
     def read_slots(self, kind, T):
         """How many of a layer's cache slots a pass of T tokens reads: all of them, so that the recorded passes
-        keep their shapes, except in a pass longer than the tail (a prefill chunk, never recorded): there the
-        full layers read only the slots written so far (position p lives in slot p), so a 4k prompt in a 32k
-        cache attends to at most 4k keys, not 32k."""
+        keep their shapes, except in a pass longer than the tail (a prefill chunk, never recorded): there a layer
+        reads only the slots written so far (position p lives in slot p % S), for a sliding layer rounded up to
+        whole blocks of FLEX_BLOCK keys (its flex attention's). So a 4k prompt in a 32k cache attends to at most 4k
+        keys, not 32k, and a prompt's first chunk reads no slot at all (keys_values then copies nothing)."""
         S = self.slots[kind]
-        return min(S, self.host_length) if kind == FULL and T > self.cfg.canvas_length else S
+        if T <= self.cfg.canvas_length:
+            return S
+        written = min(S, self.host_length)
+        return written if kind == FULL else min(S, -(-written // FLEX_BLOCK) * FLEX_BLOCK)
 
     def visible(self, kind, device, T):
         S = self.read_slots(kind, T)
@@ -1206,7 +1210,7 @@ class DiffusionGemma(nn.Module):
         self._inv_freq = {}  # device -> {layer type: fp32 inverse frequencies}; kept out of .to(dtype)
         self.head_chunk = head_chunk  # one vocabulary chunk of the head (compile_layers swaps in a compiled one)
         self.step_inputs = self.pass_inputs  # pass_inputs for passes of at most a canvas (compiled: compile_layers)
-        self.flex_rows = ()  # passes of these many tokens give sliding layers a BlockMask (FastPath: its prefill chunks)
+        self.flex_rows = ()  # passes of these lengths give sliding layers a BlockMask (FastPath: its prefill chunks)
         # sqrt(H) rounded to each float dtype the weights may have (Python numbers: no tensor, no sync)
         self._embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt, device="cpu").item()
                              for dt in (torch.float32, torch.bfloat16, torch.float16)}

@@ -1067,25 +1067,34 @@ def test_prefill_chunks():
 
 
 def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
-    """Prefill chunks longer than the cache's tail are eager, so their full layers attend only to the slots
-    written so far, not to the whole capacity: the logits still match the plain path's, and the keys such a
-    chunk reads stop at the cache's length."""
-    model = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu")
+    """Prefill chunks longer than the cache's tail are eager, so their layers attend only to the slots written so
+    far, not to the whole capacity or ring: the logits still match the plain path's, the keys such a chunk reads
+    stop at the cache's length (a sliding layer's at whole blocks of FLEX_BLOCK, or its ring), and a first chunk
+    reads no slot, so its own keys are not copied."""
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window=200, device="cpu")  # a ring of 256 slots
     g = torch.Generator().manual_seed(6)
     ids, valid = dg.left_pad([[2] + list(range(20, 80)), [2] + list(range(100, 140))], 0, "cpu")
     canvas = torch.randint(0, 512, (2, 16), generator=g)
+    full, sliding = (model.cfg.layer_types.index(kind) for kind in (dg.FULL, dg.SLIDING))
     with torch.no_grad():
         cache = model.new_cache(2)
         model.encode(ids, cache, valid)
         want = model.denoise(canvas, cache)
-        fast = dg.FastPath(model, batch_size=2, capacity=256, prefill_chunk=20)  # 4 chunks, each > 16 (the tail)
+        fast = dg.FastPath(model, batch_size=2, capacity=512, prefill_chunk=20)  # 1 + 3 chunks of 20 > 16 (the tail)
         fast.start(2, ids.shape[1] + 16)
+        k = torch.zeros(2, model.cfg.num_global_key_value_heads, 20, model.cfg.global_head_dim)
+        ks = torch.zeros(2, model.cfg.num_key_value_heads, 20, model.cfg.head_dim)
+        # nothing cached yet: nothing read, nothing copied
+        assert fast.cache.keys_values(full, k, k)[0] is k and fast.cache.keys_values(sliding, ks, ks)[0] is ks
         fast.prefill(ids, valid)
         assert rel_err(fast.denoise(canvas, None), want) < 1e-5
-        full = model.cfg.layer_types.index(dg.FULL)
-        k = torch.zeros(2, model.cfg.num_global_key_value_heads, 20, model.cfg.global_head_dim)
         keys, _ = fast.cache.keys_values(full, k, k)
         assert keys.shape[2] == ids.shape[1] + 20 < fast.cache.capacity
+        ring = fast.cache.slots[dg.SLIDING]
+        assert ring == 256 and fast.cache.read_slots(dg.SLIDING, 20) == 128  # 61 written: one whole block
+        assert fast.cache.read_slots(dg.SLIDING, 16) == ring  # a pass that fits the tail reads every slot
+        fast.cache.host_length = 300  # more than the ring holds: all of it
+        assert fast.cache.read_slots(dg.SLIDING, 20) == ring and fast.cache.read_slots(dg.FULL, 20) == 300
 
 
 def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False, seeds=range(6), batch=2):
