@@ -376,7 +376,8 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=Fal
     SDPA's fused kernels spread only query rows over the GPU: with the few rows of a denoising step, a
     commit or an AR token they leave most of it idle (one AR query row: a handful of blocks walk all the
     keys). There, outside autograd, explicit matmuls run instead, with fp32 scores like the fused kernels,
-    a few query heads at a time so that each product's scores stay under max_scores (256M: 1 GiB).
+    a few query heads at a time (or a part of one head's rows) so that each product's scores stay under max_scores
+    (256M: 1 GiB).
     kernel=True (FastPath on an Ampere or later GPU, Attention.decode_kernel): one token's attention in bf16 (at
     most DECODE_ROWS query rows per KV head) runs attend_decode instead, two Triton kernels in place of three, and
     a prefill chunk's explicit softmax (the 512-wide full layers) runs masked_softmax_rows, one kernel.
@@ -391,9 +392,9 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=Fal
     heads_per_product = max_scores // (B * kv * T * S)  # query heads whose scores fit under max_scores
     # the fused kernels: for training; for many query rows (a prefill chunk) where a flash kernel takes the
     # heads (head_dim <= 256; the 512-wide full layers get only the memory-efficient kernel, which took as long
-    # as the matmuls over 4k keys and was slower over more, README.md); and beyond max_scores for one query head
+    # as the matmuls over 4k keys and was slower over more, README.md)
     long = R > PREFILL_ROWS
-    if torch.is_grad_enabled() or (long and D <= 256) or heads_per_product == 0:
+    if torch.is_grad_enabled() or (long and D <= 256):
         bias = bias[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, R, S)  # SDPA wants a mask row per query row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     if long:  # a prefill chunk: its key count grows chunk by chunk, and the compiled softmax would recompile
@@ -401,14 +402,19 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=Fal
     elif kernel and T == 1 and R <= DECODE_ROWS and q.dtype != torch.float32:
         return attend_decode(q, k, v, bias)
     k, v = k.flatten(0, 1), v.flatten(0, 1)
+    if heads_per_product:  # [B, kv, g*T, D]: g whole query heads, and the whole bias
+        parts = [(qs, bias) for qs in q.split(heads_per_product * T, dim=2)]
+    else:  # not even one head fits (a long prompt's chunk): n of one head's T rows, and their rows of the bias
+        n = max(1, max_scores // (B * kv * S))
+        parts = [(qh[:, :, t:t + n], bias[:, :, t:t + n]) for qh in q.split(T, dim=2) for t in range(0, T, n)]
     out = []
-    for qs in q.split(heads_per_product * T, dim=2):  # [B, kv, g*T, D]: g whole query heads
+    for qs, part_bias in parts:
         qs = qs.flatten(0, 1)
         if q.is_cuda and q.dtype != torch.float32 and BMM_FP32_OUT:
             scores = torch.bmm(qs, k.transpose(1, 2), out_dtype=torch.float32)  # fp32 sums of the bf16 products
         else:
             scores = torch.bmm(qs.float(), k.float().transpose(1, 2))
-        probs = softmax(scores.view(B, kv, -1, S), bias, v.dtype)
+        probs = softmax(scores.view(B, kv, -1, S), part_bias, v.dtype)
         out.append(torch.bmm(probs.flatten(0, 1), v).view(B, kv, -1, D))
     return out[0] if len(out) == 1 else torch.cat(out, 2)
 
@@ -2033,8 +2039,8 @@ def prefill_chunks(T, n):
     recur, so compiled layers compile only those two, and any prompt of at least n // 2 tokens runs mostly
     compiled. Longer chunks launch fewer kernels and give each expert more rows: on an H200 a 4k prefill in one
     chunk of 4,096 took 0.77x the time of two chunks of 2,048, whose launches the host could not keep ahead of
-    (README.md). A full-width layer's chunk of n tokens keeps its scores under attend's max_scores for up to
-    2^27 / n keys at batch 1 (32k at n = 4,096); beyond that it runs SDPA's memory-efficient kernel."""
+    (README.md). Beyond 2^27 / n keys at batch 1 (32k at n = 4,096) one query head's scores in a full-width layer
+    pass attend's max_scores, and it multiplies each head's rows in parts."""
     half = n // 2
     full, rest = divmod(T, n)
     halves = int(0 < half <= rest)

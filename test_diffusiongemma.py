@@ -459,14 +459,15 @@ def test_decode_attention_kernels_match_explicit_on_gpu():
 def test_explicit_attention_matches_sdpa():
     """attend's explicit matmuls (few query rows, or heads wider than 256; no autograd: the fast path) compute
     SDPA's attention, masked, at scale 1, with one mask shared by the G query heads of a KV head, also when
-    the scores are split over several products (max_scores); many query rows of narrow heads (a prefill chunk)
-    go to SDPA itself."""
+    the scores are split over several products (max_scores), by whole query heads or, where one head does not
+    fit, by parts of a head's rows; many query rows of narrow heads (a prefill chunk) go to SDPA itself."""
     g = torch.Generator().manual_seed(0)
     G = 2
-    # (query rows per head, head_dim, max_scores): explicit; explicit, one query head per product; SDPA;
-    # explicit for 320-wide heads despite many rows, in two products
-    for rows, D, max_scores in ((64, 32, 2 ** 28), (64, 32, 2 * 64 * 300), (4096, 32, 2 ** 28),
-                                (2100, 320, 2 * 2100 * 300)):
+    # (query rows per head, head_dim, max_scores): explicit; explicit, one query head per product; 4 parts of a
+    # head's rows (20, 20, 20, 4); SDPA; explicit for 320-wide heads despite many rows, in two products; the
+    # same in parts of 1,000 rows
+    for rows, D, max_scores in ((64, 32, 2 ** 28), (64, 32, 2 * 64 * 300), (64, 32, 2 * 20 * 300),
+                                (4096, 32, 2 ** 28), (2100, 320, 2 * 2100 * 300), (2100, 320, 2 * 1000 * 300)):
         q, k, v = (torch.randn(1, 2, n, D, generator=g) for n in (G * rows, 300, 300))
         mask = torch.rand(1, 1, rows, 300, generator=g) > 0.3
         mask[..., 0] = True  # every row sees a key
