@@ -2073,9 +2073,9 @@ class FastPath:
     once the model has its final device and dtype: the recorded graphs hold the weights' addresses.
     sampler_kernel (CUDA with Triton): the sampler as sampler_kernels, two passes over the logits (the same
     random draws; roundings may differ in the last bit). compile_layers (bf16 weights):
-    model.compile_layers(autotune), so that the recorded passes replay fused kernels, and the prefill's full
-    chunks run them too (README.md has the figures at the 26B shape). timing: time every pass with CUDA
-    events."""
+    model.compile_layers(autotune), so that the recorded passes replay fused kernels, and the prefill's chunks
+    run them too, all but the remainder (README.md has the figures at the 26B shape). timing: time every pass with
+    CUDA events."""
 
     def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=4096, vocab_chunk=32768,
                  sampler_rows=None, sampler_kernel=False, compile_layers=False, autotune=False, timing=False):
