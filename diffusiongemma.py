@@ -48,6 +48,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from functools import partial
+from itertools import accumulate
 
 import torch
 import torch.nn as nn
@@ -375,7 +376,8 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=Fal
     SDPA's fused kernels spread only query rows over the GPU: with the few rows of a denoising step, a
     commit or an AR token they leave most of it idle (one AR query row: a handful of blocks walk all the
     keys). There, outside autograd, explicit matmuls run instead, with fp32 scores like the fused kernels,
-    a few query heads at a time so that each product's scores stay under max_scores (256M: 1 GiB).
+    a few query heads at a time (or a part of one head's rows) so that each product's scores stay under max_scores
+    (256M: 1 GiB).
     kernel=True (FastPath on an Ampere or later GPU, Attention.decode_kernel): one token's attention in bf16 (at
     most DECODE_ROWS query rows per KV head) runs attend_decode instead, two Triton kernels in place of three, and
     a prefill chunk's explicit softmax (the 512-wide full layers) runs masked_softmax_rows, one kernel.
@@ -390,9 +392,9 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=Fal
     heads_per_product = max_scores // (B * kv * T * S)  # query heads whose scores fit under max_scores
     # the fused kernels: for training; for many query rows (a prefill chunk) where a flash kernel takes the
     # heads (head_dim <= 256; the 512-wide full layers get only the memory-efficient kernel, which took as long
-    # as the matmuls over 4k keys and was slower over more, README.md); and beyond max_scores for one query head
+    # as the matmuls over 4k keys and was slower over more, README.md)
     long = R > PREFILL_ROWS
-    if torch.is_grad_enabled() or (long and D <= 256) or heads_per_product == 0:
+    if torch.is_grad_enabled() or (long and D <= 256):
         bias = bias[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, R, S)  # SDPA wants a mask row per query row
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     if long:  # a prefill chunk: its key count grows chunk by chunk, and the compiled softmax would recompile
@@ -400,14 +402,19 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=Fal
     elif kernel and T == 1 and R <= DECODE_ROWS and q.dtype != torch.float32:
         return attend_decode(q, k, v, bias)
     k, v = k.flatten(0, 1), v.flatten(0, 1)
+    if heads_per_product:  # [B, kv, g*T, D]: g whole query heads, and the whole bias
+        parts = [(qs, bias) for qs in q.split(heads_per_product * T, dim=2)]
+    else:  # not even one head fits (a long prompt's chunk): n of one head's T rows, and their rows of the bias
+        n = max(1, max_scores // (B * kv * S))
+        parts = [(qh[:, :, t:t + n], bias[:, :, t:t + n]) for qh in q.split(T, dim=2) for t in range(0, T, n)]
     out = []
-    for qs in q.split(heads_per_product * T, dim=2):  # [B, kv, g*T, D]: g whole query heads
+    for qs, part_bias in parts:
         qs = qs.flatten(0, 1)
         if q.is_cuda and q.dtype != torch.float32 and BMM_FP32_OUT:
             scores = torch.bmm(qs, k.transpose(1, 2), out_dtype=torch.float32)  # fp32 sums of the bf16 products
         else:
             scores = torch.bmm(qs.float(), k.float().transpose(1, 2))
-        probs = softmax(scores.view(B, kv, -1, S), bias, v.dtype)
+        probs = softmax(scores.view(B, kv, -1, S), part_bias, v.dtype)
         out.append(torch.bmm(probs.flatten(0, 1), v).view(B, kv, -1, D))
     return out[0] if len(out) == 1 else torch.cat(out, 2)
 
@@ -651,8 +658,8 @@ def quantize_fp8(x):
 
 
 FEW_ROWS = 4096  # grouped_mm: up to this many rows (pairs: a 256-token canvas has 2,048) run grouped_mm_few_rows
-# with its default tiles (float8 experts with FP8_TILES); more rows (a prefill chunk: 128 per expert on average at
-# 2,048 tokens) with MANY_ROWS_TILES
+# with its default tiles (float8 experts with FP8_TILES); more rows (a prefill chunk: 256 per expert on average at
+# 4,096 tokens) with MANY_ROWS_TILES
 FP8_TILES = dict(block_k=128, stages=4)  # float8 tiles are half the bytes: twice the reduction per step (README.md)
 MANY_ROWS_TILES = dict(block_m=128, block_n=256, block_k=64, warps=8, stages=4)
 
@@ -1020,7 +1027,7 @@ class StaticKVCache:
       * full layers: S = capacity slots; position p lives in slot p;
       * sliding layers: a ring of S >= window - 1 + canvas slots; position p lives in slot p % S;
       * after the S slots, a tail of `canvas` slots where a pass puts its own keys/values (keys_values);
-        a longer pass (a prefill chunk) reads only the full layers' written slots (read_slots).
+        a longer pass (a prefill chunk) reads only the slots written so far (read_slots).
     An encoder pass also stores its keys/values in their slots, in the same indexed write (store_kv).
     Per slot, `pos` holds the position written there (EMPTY before any) and `valid` whether it is a real
     token; visible() turns them into what KVCache.visible() returns, as a mask over all the slots. The length
@@ -1070,7 +1077,7 @@ class StaticKVCache:
 
     def keys_values(self, layer, k, v, positions=None):
         """The pass's own k, v go to the tail, so attention reads one buffer and nothing is concatenated
-        (a pass longer than the tail, a prefill chunk, concatenates). positions [T] (an encoder pass) also
+        (a pass longer than the tail, a prefill chunk, concatenates: read_slots). positions [T] (an encoder pass) also
         stores the last min(T, S) tokens in their slots, for later passes; the masks see them only after
         advance(), and a slot overwritten here held a token that no query of this pass may see. Returns the
         cache's S slots and padded(T) tail slots (see own_keys); a long pass, the first read_slots() slots and
@@ -1078,9 +1085,9 @@ class StaticKVCache:
         kind, T = self.cfg.layer_types[layer], k.shape[2]
         S, KV = self.slots[kind], self.kv[layer]
         K, V = KV
-        if T > K.shape[2] - S:  # the concatenation is a copy: then the ring may be overwritten
+        if T > K.shape[2] - S:  # a copy (none when no slot is read): the ring may then be overwritten
             R = self.read_slots(kind, T)
-            joined = torch.cat([K[:, :, :R], k], dim=2), torch.cat([V[:, :, :R], v], dim=2)
+            joined = (k, v) if R == 0 else (torch.cat([K[:, :, :R], k], dim=2), torch.cat([V[:, :, :R], v], dim=2))
             if positions is not None:
                 self.store(KV, k, v, S, None, positions)
             return joined
@@ -1089,11 +1096,15 @@ class StaticKVCache:
 
     def read_slots(self, kind, T):
         """How many of a layer's cache slots a pass of T tokens reads: all of them, so that the recorded passes
-        keep their shapes, except in a pass longer than the tail (a prefill chunk, never recorded): there the
-        full layers read only the slots written so far (position p lives in slot p), so a 4k prompt in a 32k
-        cache attends to at most 4k keys, not 32k."""
+        keep their shapes, except in a pass longer than the tail (a prefill chunk, never recorded): there a layer
+        reads only the slots written so far (position p lives in slot p % S), for a sliding layer rounded up to
+        whole blocks of FLEX_BLOCK keys (its flex attention's). So a 4k prompt in a 32k cache attends to at most 4k
+        keys, not 32k, and a prompt's first chunk reads no slot at all (keys_values then copies nothing)."""
         S = self.slots[kind]
-        return min(S, self.host_length) if kind == FULL and T > self.cfg.canvas_length else S
+        if T <= self.cfg.canvas_length:
+            return S
+        written = min(S, self.host_length)
+        return written if kind == FULL else min(S, -(-written // FLEX_BLOCK) * FLEX_BLOCK)
 
     def visible(self, kind, device, T):
         S = self.read_slots(kind, T)
@@ -1205,7 +1216,7 @@ class DiffusionGemma(nn.Module):
         self._inv_freq = {}  # device -> {layer type: fp32 inverse frequencies}; kept out of .to(dtype)
         self.head_chunk = head_chunk  # one vocabulary chunk of the head (compile_layers swaps in a compiled one)
         self.step_inputs = self.pass_inputs  # pass_inputs for passes of at most a canvas (compiled: compile_layers)
-        self.flex_rows = 0  # passes of this many tokens give sliding layers a BlockMask (FastPath: its prefill chunk)
+        self.flex_rows = ()  # passes of these lengths give sliding layers a BlockMask (FastPath: its prefill chunks)
         # sqrt(H) rounded to each float dtype the weights may have (Python numbers: no tensor, no sync)
         self._embed_scale = {dt: torch.tensor(cfg.hidden_size ** 0.5, dtype=dt, device="cpu").item()
                              for dt in (torch.float32, torch.bfloat16, torch.float16)}
@@ -1259,7 +1270,7 @@ class DiffusionGemma(nn.Module):
                 window = None  # every canvas query sees the whole cached tail and the canvas
             mask = attention_mask(positions, torch.cat([ctx_pos, own_pos]), torch.cat([ctx_valid, own_valid], 1),
                                   causal=encoder, window=window, band=not encoder)
-            flex = kind == SLIDING and T == self.flex_rows and mask.shape[-1] % FLEX_BLOCK == 0
+            flex = kind == SLIDING and T in self.flex_rows and mask.shape[-1] % FLEX_BLOCK == 0
             masks[kind] = block_mask(mask) if flex else attention_bias(mask, dtype)
         return rope, masks
 
@@ -2022,6 +2033,23 @@ def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id
 # -----------------------------------------------------------------------------
 # The fast path (GPU): a static KV cache, CUDA graphs, no host synchronisation
 
+def prefill_chunks(T, n):
+    """A prompt of T tokens as FastPath.prefill's chunks [(start, end)]: as many chunks of n tokens as fit, one
+    of n // 2 if what is left has that many, and what is then left (the remainder) first. Only two chunk lengths
+    recur, so compiled layers compile only those two, and any prompt of at least n // 2 tokens runs mostly
+    compiled. Longer chunks launch fewer kernels and give each expert more rows: on an H200 a 4k prefill in one
+    chunk of 4,096 took 0.77x the time of two chunks of 2,048, whose launches the host could not keep ahead of
+    (README.md). Beyond 2^27 / n keys at batch 1 (32k at n = 4,096) one query head's scores in a full-width layer
+    pass attend's max_scores, and it multiplies each head's rows in parts."""
+    half = n // 2
+    full, rest = divmod(T, n)
+    halves = int(0 < half <= rest)
+    r = rest - halves * half
+    lengths = ([r] if r else []) + [half] * halves + [n] * full
+    ends = list(accumulate(lengths))
+    return list(zip([0] + ends[:-1], ends))
+
+
 class FastPath:
     """Runs the passes of generate / generate_ar the fast way, for one batch size, up to `capacity` tokens:
       * the experts as grouped GEMMs (Experts.forward_grouped); masks and positions are device tensors,
@@ -2037,19 +2065,19 @@ class FastPath:
       * a StaticKVCache, so a pass over a fixed number of tokens (denoise a canvas, commit a block, one
         autoregressive token) has fixed shapes and addresses: on CUDA each is recorded once as a CUDA
         graph and replayed, with no Python and no launch overhead (a pass is ~2,000 kernels, which take
-        longer to launch one by one than to run). The prompt's prefill runs prefill_chunk tokens at a
-        time, not recorded;
+        longer to launch one by one than to run). The prompt's prefill runs in chunks of at most prefill_chunk
+        tokens (prefill_chunks), not recorded;
       * the 262k-vocabulary head and self-conditioning product vocab_chunk rows at a time, the sampler
         sampler_rows positions at a time: fp32 temporaries stay a few [chunk or rows, V].
     The modules and the math are the plain path's; tests check that both give the same tokens. Build it
     once the model has its final device and dtype: the recorded graphs hold the weights' addresses.
     sampler_kernel (CUDA with Triton): the sampler as sampler_kernels, two passes over the logits (the same
     random draws; roundings may differ in the last bit). compile_layers (bf16 weights):
-    model.compile_layers(autotune), so that the recorded passes replay fused kernels, and the prefill's full
-    chunks run them too (README.md has the figures at the 26B shape). timing: time every pass with CUDA
-    events."""
+    model.compile_layers(autotune), so that the recorded passes replay fused kernels, and the prefill's chunks
+    run them too, all but the remainder (README.md has the figures at the 26B shape). timing: time every pass with
+    CUDA events."""
 
-    def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=2048, vocab_chunk=32768,
+    def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=4096, vocab_chunk=32768,
                  sampler_rows=None, sampler_kernel=False, compile_layers=False, autotune=False, timing=False):
         cfg, w = model.cfg, model.embed_tokens.weight
         self.model, self.device, self.dtype = model, w.device, w.dtype
@@ -2070,7 +2098,7 @@ class FastPath:
             layer.experts.few_rows_kernel = kernel and (capability >= (8, 9) or not fp8)
             layer.self_attn.decode_kernel = kernel
         # a prefill chunk's sliding layers by compiled flex attention: only the blocks of keys their window shows
-        model.flex_rows = prefill_chunk if kernel and prefill_chunk % FLEX_BLOCK == 0 else 0
+        model.flex_rows = tuple(n for n in (prefill_chunk, prefill_chunk // 2) if kernel and n % FLEX_BLOCK == 0)
         if model.flex_rows:
             flex = partial(torch.compile(flex_attention, dynamic=False), kernel_options=FLEX_TILES)
             for layer in model.layers:
@@ -2109,16 +2137,14 @@ class FastPath:
         self.cache.reset()
 
     def prefill(self, ids, valid):
-        """The encoder over the prompt ids [B, T], prefill_chunk tokens at a time. The first chunk takes the
-        remainder (T % prefill_chunk), so every later one has the same length: with compiled layers those run
-        compiled (one more shape to compile, once; on an H200 a 4k prefill took 115-131 ms against 162-210 ms
-        eager, README.md) and the remainder runs eagerly, so that no prompt length adds a compile.
-        Returns the last chunk's final hidden states."""
-        T, n = ids.shape[1], self.prefill_chunk
-        starts = ([0] if T % n else []) + list(range(T % n, T, n))
+        """The encoder over the prompt ids [B, T], in the chunks of prefill_chunks(T, prefill_chunk). With
+        compiled layers, chunks of prefill_chunk or prefill_chunk // 2 tokens run compiled (each length compiles
+        once) and the remainder eagerly, so that no prompt length adds a compile. Returns the last chunk's final
+        hidden states."""
+        n = self.prefill_chunk
         with self._timed("prefill"):
-            for a, b in zip(starts, starts[1:] + [T]):
-                force_eager = self.compiled_layers and b - a != n  # the remainder chunk, with compiled layers
+            for a, b in prefill_chunks(ids.shape[1], n):
+                force_eager = self.compiled_layers and b - a not in (n, n // 2)  # the remainder
                 with torch.compiler.set_stance("force_eager") if force_eager else contextlib.nullcontext():
                     h = self.model.encode(ids[:, a:b], self.cache, valid[:, a:b])
         return h

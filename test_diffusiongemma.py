@@ -459,14 +459,15 @@ def test_decode_attention_kernels_match_explicit_on_gpu():
 def test_explicit_attention_matches_sdpa():
     """attend's explicit matmuls (few query rows, or heads wider than 256; no autograd: the fast path) compute
     SDPA's attention, masked, at scale 1, with one mask shared by the G query heads of a KV head, also when
-    the scores are split over several products (max_scores); many query rows of narrow heads (a prefill chunk)
-    go to SDPA itself."""
+    the scores are split over several products (max_scores), by whole query heads or, where one head does not
+    fit, by parts of a head's rows; many query rows of narrow heads (a prefill chunk) go to SDPA itself."""
     g = torch.Generator().manual_seed(0)
     G = 2
-    # (query rows per head, head_dim, max_scores): explicit; explicit, one query head per product; SDPA;
-    # explicit for 320-wide heads despite many rows, in two products
-    for rows, D, max_scores in ((64, 32, 2 ** 28), (64, 32, 2 * 64 * 300), (4096, 32, 2 ** 28),
-                                (2100, 320, 2 * 2100 * 300)):
+    # (query rows per head, head_dim, max_scores): explicit; explicit, one query head per product; 4 parts of a
+    # head's rows (20, 20, 20, 4); SDPA; explicit for 320-wide heads despite many rows, in two products; the
+    # same in parts of 1,000 rows
+    for rows, D, max_scores in ((64, 32, 2 ** 28), (64, 32, 2 * 64 * 300), (64, 32, 2 * 20 * 300),
+                                (4096, 32, 2 ** 28), (2100, 320, 2 * 2100 * 300), (2100, 320, 2 * 1000 * 300)):
         q, k, v = (torch.randn(1, 2, n, D, generator=g) for n in (G * rows, 300, 300))
         mask = torch.rand(1, 1, rows, 300, generator=g) > 0.3
         mask[..., 0] = True  # every row sees a key
@@ -1029,49 +1030,72 @@ def test_block_mask_with_flex_attention_matches_the_dense_mask():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton"))])
 def test_fast_path_prefill_with_flex_attention_matches_plain(tiny_ckpt, device):
-    """With model.flex_rows set to its prefill chunk (FastPath sets it on a GPU, where flex attention runs
-    compiled; on the CPU the test sets it, and flex runs eagerly), a prefill's full chunks give their sliding layers
-    BlockMasks, and the logits after it match the plain path's: a prompt of a remainder and two chunks of 128, a
-    window of 60 (a ring of 128 slots, so that the chunk's keys come in whole blocks)."""
+    """With model.flex_rows set to its prefill chunks' two lengths (FastPath sets them on a GPU, where flex attention
+    runs compiled; on the CPU the test sets them, and flex runs eagerly), a prefill's full and half chunks give
+    their sliding layers BlockMasks, and the logits after it match the plain path's: a prompt of a remainder, a
+    chunk of 128 and one of 256, a window of 60 (a ring of 128 slots, so that the chunk's keys come in whole
+    blocks)."""
     model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window=60, device=device)
     g = torch.Generator().manual_seed(7)
-    ids, valid = dg.left_pad([[2] + torch.randint(3, 500, (265,), generator=g).tolist(), [2, 7, 8]], 0, device)
+    ids, valid = dg.left_pad([[2] + torch.randint(3, 500, (393,), generator=g).tolist(), [2, 7, 8]], 0, device)
     canvas = torch.randint(0, 512, (2, 16), generator=g).to(device)
     with torch.no_grad():
         cache = model.new_cache(2)
         model.encode(ids, cache, valid)
         want = model.denoise(canvas, cache).cpu()
-        fast = dg.FastPath(model, batch_size=2, capacity=512, prefill_chunk=128)
-        assert model.flex_rows == (128 if device == "cuda" else 0)
-        model.flex_rows = 128
+        fast = dg.FastPath(model, batch_size=2, capacity=512, prefill_chunk=256)
+        assert model.flex_rows == ((256, 128) if device == "cuda" else ())
+        model.flex_rows = (256, 128)
+        assert [b - a for a, b in dg.prefill_chunks(ids.shape[1], 256)] == [10, 128, 256]
         fast.start(2, ids.shape[1] + 16)
-        rope, masks = model.pass_inputs(torch.arange(128, device=device), fast.cache, valid[:, :128], True,
-                                        model.inv_freq(device), 2, torch.float32)
-        assert isinstance(masks[dg.SLIDING], dg.BlockMask) and not isinstance(masks[dg.FULL], dg.BlockMask)
+        for T in (128, 256):
+            rope, masks = model.pass_inputs(torch.arange(T, device=device), fast.cache, valid[:, :T], True,
+                                            model.inv_freq(device), 2, torch.float32)
+            assert isinstance(masks[dg.SLIDING], dg.BlockMask) and not isinstance(masks[dg.FULL], dg.BlockMask)
         fast.prefill(ids, valid)
         assert rel_err(fast.denoise(canvas, None).cpu(), want) < 1e-5
 
 
+def test_prefill_chunks():
+    """A prompt's chunks: the remainder first, then at most one half chunk, then full chunks; they tile the
+    prompt, and only the remainder has a length of its own."""
+    for T, n, lengths in ((4096, 4096, [4096]), (3000, 4096, [952, 2048]), (7000, 4096, [856, 2048, 4096]),
+                          (8192, 4096, [4096, 4096]), (2048, 4096, [2048]), (5, 4096, [5]), (22, 7, [1, 7, 7, 7]),
+                          (6, 7, [3, 3]), (3, 1, [1, 1, 1])):
+        chunks = dg.prefill_chunks(T, n)
+        assert [b - a for a, b in chunks] == lengths
+        assert chunks[0][0] == 0 and chunks[-1][1] == T and all(x[1] == y[0] for x, y in zip(chunks, chunks[1:]))
+
+
 def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
-    """Prefill chunks longer than the cache's tail are eager, so their full layers attend only to the slots
-    written so far, not to the whole capacity: the logits still match the plain path's, and the keys such a
-    chunk reads stop at the cache's length."""
-    model = DiffusionGemma.from_pretrained(tiny_ckpt, device="cpu")
+    """Prefill chunks longer than the cache's tail are eager, so their layers attend only to the slots written so
+    far, not to the whole capacity or ring: the logits still match the plain path's, the keys such a chunk reads
+    stop at the cache's length (a sliding layer's at whole blocks of FLEX_BLOCK, or its ring), and a first chunk
+    reads no slot, so its own keys are not copied."""
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window=200, device="cpu")  # a ring of 256 slots
     g = torch.Generator().manual_seed(6)
     ids, valid = dg.left_pad([[2] + list(range(20, 80)), [2] + list(range(100, 140))], 0, "cpu")
     canvas = torch.randint(0, 512, (2, 16), generator=g)
+    full, sliding = (model.cfg.layer_types.index(kind) for kind in (dg.FULL, dg.SLIDING))
     with torch.no_grad():
         cache = model.new_cache(2)
         model.encode(ids, cache, valid)
         want = model.denoise(canvas, cache)
-        fast = dg.FastPath(model, batch_size=2, capacity=256, prefill_chunk=20)  # 4 chunks, each > 16 (the tail)
+        fast = dg.FastPath(model, batch_size=2, capacity=512, prefill_chunk=20)  # 1 + 3 chunks of 20 > 16 (the tail)
         fast.start(2, ids.shape[1] + 16)
+        k = torch.zeros(2, model.cfg.num_global_key_value_heads, 20, model.cfg.global_head_dim)
+        ks = torch.zeros(2, model.cfg.num_key_value_heads, 20, model.cfg.head_dim)
+        # nothing cached yet: nothing read, nothing copied
+        assert fast.cache.keys_values(full, k, k)[0] is k and fast.cache.keys_values(sliding, ks, ks)[0] is ks
         fast.prefill(ids, valid)
         assert rel_err(fast.denoise(canvas, None), want) < 1e-5
-        full = model.cfg.layer_types.index(dg.FULL)
-        k = torch.zeros(2, model.cfg.num_global_key_value_heads, 20, model.cfg.global_head_dim)
         keys, _ = fast.cache.keys_values(full, k, k)
         assert keys.shape[2] == ids.shape[1] + 20 < fast.cache.capacity
+        ring = fast.cache.slots[dg.SLIDING]
+        assert ring == 256 and fast.cache.read_slots(dg.SLIDING, 20) == 128  # 61 written: one whole block
+        assert fast.cache.read_slots(dg.SLIDING, 16) == ring  # a pass that fits the tail reads every slot
+        fast.cache.host_length = 300  # more than the ring holds: all of it
+        assert fast.cache.read_slots(dg.SLIDING, 20) == ring and fast.cache.read_slots(dg.FULL, 20) == 300
 
 
 def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False, seeds=range(6), batch=2):
