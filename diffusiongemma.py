@@ -2036,11 +2036,11 @@ def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id
 def prefill_chunks(T, n):
     """A prompt of T tokens as FastPath.prefill's chunks [(start, end)]: as many chunks of n tokens as fit, one
     of n // 2 if what is left has that many, and what is then left (the remainder) first. Only two chunk lengths
-    recur, so compiled layers compile only those two, and any prompt of at least n // 2 tokens runs mostly
-    compiled. Longer chunks launch fewer kernels and give each expert more rows: on an H200 a 4k prefill in one
-    chunk of 4,096 took 0.77x the time of two chunks of 2,048, whose launches the host could not keep ahead of
-    (README.md). Beyond 2^27 / n keys at batch 1 (32k at n = 4,096) one query head's scores in a full-width layer
-    pass attend's max_scores, and it multiplies each head's rows in parts."""
+    recur, so compiled layers compile only those two, and any prompt of at least n // 2 tokens runs at least half
+    of them compiled. Longer chunks launch fewer kernels and give each expert more rows: on an H200 a 4k prefill
+    in one chunk of 4,096 took 0.77x the time of two chunks of 2,048, whose launches the host could not keep ahead
+    of (README.md). Beyond 2^27 / n keys at batch 1 (32k at n = 4,096) one query head's scores in a full-width
+    layer pass attend's max_scores, and it multiplies each head's rows in parts."""
     half = n // 2
     full, rest = divmod(T, n)
     halves = int(0 < half <= rest)
