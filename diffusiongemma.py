@@ -2080,6 +2080,8 @@ class FastPath:
     def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=4096, vocab_chunk=32768,
                  sampler_rows=None, sampler_kernel=False, compile_layers=False, autotune=False, timing=False):
         cfg, w = model.cfg, model.embed_tokens.weight
+        if prefill_chunk < 1:
+            raise DiffusionGemmaError(f"prefill_chunk must be a positive number of tokens, not {prefill_chunk}")
         self.model, self.device, self.dtype = model, w.device, w.dtype
         model.set_experts_impl("grouped")
         model.fuse_projections()

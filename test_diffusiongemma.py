@@ -739,6 +739,8 @@ def test_bad_device_and_dtype():
         dg.resolve_dtype("float8")
     with pytest.raises(DiffusionGemmaError, match="unknown config preset"):
         Config.preset("huge")
+    with pytest.raises(DiffusionGemmaError, match="prefill_chunk must be a positive number of tokens, not 0"):
+        dg.FastPath(DiffusionGemma(tiny_config()), prefill_chunk=0)
 
 
 # -----------------------------------------------------------------------------
