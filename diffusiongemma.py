@@ -905,24 +905,25 @@ class Layer(nn.Module):
         self.encoder_layer_scalar = nn.Parameter(torch.ones(1))  # encoder copy (model.encoder....layer_scalar)
         self.stream = None  # CUDA: a second stream for the dense MLP of one-token passes (FastPath sets it)
 
-    def forward(self, x, cos, sin, keys_values, mask, encoder: bool):
-        """x [B, T, H] -> [B, T, H]. keys_values(k, v): this layer's cache (see KVCache.keys_values)."""
+    def forward(self, x, cos, sin, keys_values, mask, enc_rows: int):
+        """x [B, T, H] -> [B, T, H]. keys_values(k, v): this layer's cache (see KVCache.keys_values). The first
+        enc_rows tokens are the encoder's, the rest the decoder's (see add_feed_forward)."""
         q, k, v = self.project(x, cos, sin)
         attn = self.self_attn(q, k, v, keys_values, mask)
         if self.stream is not None and x.shape[1] == 1:
-            return self.feed_forward_overlapped(x, attn, encoder)
-        return self.feed_forward(x, attn, encoder)
+            return self.feed_forward_overlapped(x, attn, enc_rows)
+        return self.feed_forward(x, attn, enc_rows)
 
     def project(self, x, cos, sin):
         """The attention's input: x [B, T, H] -> normed, then q, k, v (see Attention.project)."""
         return self.self_attn.project(self.input_layernorm(x), cos, sin)
 
-    def feed_forward(self, x, attn, encoder: bool):
+    def feed_forward(self, x, attn, enc_rows: int):
         """The rest of the layer: residual x [B, T, H] + attention output attn [B, T, H] -> [B, T, H]."""
         x = self.add_attention(x, attn)
-        return self.add_feed_forward(x, self.dense(x), self.moe(x), encoder)
+        return self.add_feed_forward(x, self.dense(x), self.moe(x), enc_rows)
 
-    def feed_forward_overlapped(self, x, attn, encoder: bool):
+    def feed_forward_overlapped(self, x, attn, enc_rows: int):
         """feed_forward with the dense MLP on self.stream while the router and the experts run on the current
         stream. FastPath uses it for one-token passes (an AR step), where both branches are chains of small
         kernels that leave the GPU idle (on an H200 the AR token took 8% less time; README.md)."""
@@ -932,7 +933,7 @@ class Layer(nn.Module):
             dense = self.dense(x)
         moe = self.moe(x)
         torch.cuda.current_stream().wait_stream(self.stream)
-        return self.add_feed_forward(x, dense, moe, encoder)
+        return self.add_feed_forward(x, dense, moe, enc_rows)
 
     def add_attention(self, x, attn):
         """The residual x [B, T, H] plus the normed attention output attn [B, T, H]."""
@@ -949,10 +950,14 @@ class Layer(nn.Module):
         return self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids)
                                                  .view_as(x))
 
-    def add_feed_forward(self, x, dense, moe, encoder: bool):
-        """The residual x plus the normed sum of both branches, times the layer's scalar."""
+    def add_feed_forward(self, x, dense, moe, enc_rows: int):
+        """The residual x [B, T, H] plus the normed sum of both branches, times the layer's scalar: the encoder's
+        for the first enc_rows tokens, the decoder's for the rest (a pass is one or the other, except
+        commit_and_denoise's)."""
         x = x + self.post_feedforward_layernorm(dense + moe)
-        return x * (self.encoder_layer_scalar if encoder else self.layer_scalar)
+        if enc_rows in (0, x.shape[1]):
+            return x * (self.encoder_layer_scalar if enc_rows else self.layer_scalar)
+        return torch.cat([x[:, :enc_rows] * self.encoder_layer_scalar, x[:, enc_rows:] * self.layer_scalar], 1)
 
 
 class SelfConditioning(MLP):
@@ -994,16 +999,19 @@ class KVCache:
 
     def keys_values(self, layer, k, v, positions=None):
         """What a pass with its own k, v [B, kv, T, D] attends to in this layer: the cached k, v, then its own.
-        positions [T] (an encoder pass: the next T positions) also adds k, v to the cache for later passes."""
+        positions [m] (an encoder's tokens, the pass's first m: the next m positions) also adds those to the cache
+        for later passes."""
+        T = k.shape[2]
         if self.k[layer] is not None:
             k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-        if positions is not None:
-            self.k[layer], self.v[layer] = k, v  # appending is enough: these are the next positions
+        if positions is not None:  # appending is enough: these are the next positions
+            end = k.shape[2] - T + positions.shape[0]
+            self.k[layer], self.v[layer] = k[:, :, :end], v[:, :, :end]
         return k, v
 
-    def visible(self, kind, device, T):
-        """Positions [S] and validity [B, S] of the cached tokens that a pass of T tokens sees in a layer of
-        this kind (here all of them; StaticKVCache drops unwritten slots for long passes)."""
+    def visible(self, kind, device, stored):
+        """Positions [S] and validity [B, S] of the cached tokens that a pass storing `stored` tokens sees in a
+        layer of this kind (here all of them; StaticKVCache drops unwritten slots for long passes)."""
         S = self.kept(kind)
         return torch.arange(self.length - S, self.length, device=device), self.valid[:, self.length - S:].to(device)
 
@@ -1026,8 +1034,9 @@ class StaticKVCache:
     addresses (one CUDA graph of it serves every block). It keeps what KVCache keeps, behind masks:
       * full layers: S = capacity slots; position p lives in slot p;
       * sliding layers: a ring of S >= window - 1 + canvas slots; position p lives in slot p % S;
-      * after the S slots, a tail of `canvas` slots where a pass puts its own keys/values (keys_values);
-        a longer pass (a prefill chunk) reads only the slots written so far (read_slots).
+      * after the S slots, a tail of 2 x canvas slots where a pass puts its own keys/values (keys_values): a
+        canvas, a block to commit, or both (commit_and_denoise); a pass that stores more than a canvas (a prefill
+        chunk) reads only the slots written so far and concatenates (read_slots).
     An encoder pass also stores its keys/values in their slots, in the same indexed write (store_kv).
     Per slot, `pos` holds the position written there (EMPTY before any) and `valid` whether it is a real
     token; visible() turns them into what KVCache.visible() returns, as a mask over all the slots. The length
@@ -1039,16 +1048,17 @@ class StaticKVCache:
         self.cfg, self.batch_size, self.capacity = cfg, batch_size, capacity
         ring = -(-(cfg.sliding_window - 1 + cfg.canvas_length) // 64) * 64  # rounded up for aligned rows
         self.slots = {SLIDING: ring, FULL: capacity}
+        self.tail = 2 * cfg.canvas_length
         self.kv = []  # per layer, keys and values in one buffer [2, B, kv, S + tail, D], so that one write stores both
         for i, kind in enumerate(cfg.layer_types):
             D, kv = cfg.attn_shape(i)
             # zeros, not empty: a masked slot is multiplied by 0 and must not hold a NaN
-            S = self.slots[kind] + cfg.canvas_length
+            S = self.slots[kind] + self.tail
             self.kv.append(torch.zeros(2, batch_size, kv, S, D, dtype=dtype, device=device))
         self.pos = {kind: torch.full((S,), self.EMPTY, device=device) for kind, S in self.slots.items()}
         self.valid = {kind: torch.zeros(batch_size, S, dtype=torch.bool, device=device)
                       for kind, S in self.slots.items()}
-        self.tail_rows = {kind: S + torch.arange(cfg.canvas_length, device=device) for kind, S in self.slots.items()}
+        self.tail_rows = {kind: S + torch.arange(self.tail, device=device) for kind, S in self.slots.items()}
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.host_length = 0  # the same count on the host, to check the capacity without a sync
         self.store = store_kv  # FastPath with compiled layers swaps in a compiled one
@@ -1064,8 +1074,8 @@ class StaticKVCache:
         return self.length + torch.arange(T, device=device)
 
     def padded(self, T):
-        """How many tail slots a pass of T tokens attends to: T rounded up to a multiple of 8 where the tail
-        has room. The extra slots are masked (own_keys); they keep the key rows 16-byte aligned, without
+        """How many tail slots a pass of T tokens attends to: T rounded up to a multiple of 8 where that is at
+        most a canvas. The extra slots are masked (own_keys); they keep the key rows 16-byte aligned, without
         which cuBLAS runs an AR token's attention products (1 own key) in a slow fallback kernel."""
         return T + -T % 8 if T + -T % 8 <= self.cfg.canvas_length else T
 
@@ -1076,17 +1086,18 @@ class StaticKVCache:
                 torch.cat([valid, valid.new_zeros(valid.shape[0], pad)], 1))
 
     def keys_values(self, layer, k, v, positions=None):
-        """The pass's own k, v go to the tail, so attention reads one buffer and nothing is concatenated
-        (a pass longer than the tail, a prefill chunk, concatenates: read_slots). positions [T] (an encoder pass) also
-        stores the last min(T, S) tokens in their slots, for later passes; the masks see them only after
-        advance(), and a slot overwritten here held a token that no query of this pass may see. Returns the
-        cache's S slots and padded(T) tail slots (see own_keys); a long pass, the first read_slots() slots and
-        its own T."""
+        """The pass's own k, v [B, kv, T, D] go to the tail, so attention reads one buffer and nothing is
+        concatenated (a prefill chunk longer than a canvas concatenates: read_slots). positions [m] (an encoder's
+        tokens, the pass's first m) also stores the last min(m, S) of them in their slots, for later passes; the masks
+        see them only after advance(), and a slot overwritten here held a token that no query of this pass may see
+        (a ring holds a canvas more than a window, so this needs m <= canvas). Returns the cache's S slots and
+        padded(T) tail slots (see own_keys); a long pass, the first read_slots() slots and its own T."""
         kind, T = self.cfg.layer_types[layer], k.shape[2]
         S, KV = self.slots[kind], self.kv[layer]
         K, V = KV
-        if T > K.shape[2] - S:  # a copy (none when no slot is read): the ring may then be overwritten
-            R = self.read_slots(kind, T)
+        stored = 0 if positions is None else positions.shape[0]
+        if stored > self.cfg.canvas_length:  # a copy (none when no slot is read): the ring may then be overwritten
+            R = self.read_slots(kind, stored)
             joined = (k, v) if R == 0 else (torch.cat([K[:, :, :R], k], dim=2), torch.cat([V[:, :, :R], v], dim=2))
             if positions is not None:
                 self.store(KV, k, v, S, None, positions)
@@ -1094,20 +1105,21 @@ class StaticKVCache:
         self.store(KV, k, v, S, self.tail_rows[kind][:T], positions)
         return K[:, :, :S + self.padded(T)], V[:, :, :S + self.padded(T)]
 
-    def read_slots(self, kind, T):
-        """How many of a layer's cache slots a pass of T tokens reads: all of them, so that the recorded passes
-        keep their shapes, except in a pass longer than the tail (a prefill chunk, never recorded): there a layer
-        reads only the slots written so far (position p lives in slot p % S), for a sliding layer rounded up to
-        whole blocks of FLEX_BLOCK keys (its flex attention's). So a 4k prompt in a 32k cache attends to at most 4k
-        keys, not 32k, and a prompt's first chunk reads no slot at all (keys_values then copies nothing)."""
+    def read_slots(self, kind, stored):
+        """How many of a layer's cache slots a pass that stores `stored` tokens reads: all of them, so that the
+        recorded passes keep their shapes, except in a pass that stores more than a canvas (a prefill chunk, never
+        recorded): there a layer reads only the slots written so far (position p lives in slot p % S), for a
+        sliding layer rounded up to whole blocks of FLEX_BLOCK keys (its flex attention's). So a 4k prompt in a 32k
+        cache attends to at most 4k keys, not 32k, and a prompt's first chunk reads no slot at all (keys_values then
+        copies nothing)."""
         S = self.slots[kind]
-        if T <= self.cfg.canvas_length:
+        if stored <= self.cfg.canvas_length:
             return S
         written = min(S, self.host_length)
         return written if kind == FULL else min(S, -(-written // FLEX_BLOCK) * FLEX_BLOCK)
 
-    def visible(self, kind, device, T):
-        S = self.read_slots(kind, T)
+    def visible(self, kind, device, stored):
+        S = self.read_slots(kind, stored)
         pos, valid = self.pos[kind][:S], self.valid[kind][:, :S]
         if kind == SLIDING:  # the last window-1 tokens, as in KVCache (the ring holds a few more)
             valid = valid & (pos > self.length - self.cfg.sliding_window)
@@ -1129,18 +1141,19 @@ class StaticKVCache:
 
 def store_kv(KV, k, v, S: int, tail_rows, positions):
     """Writes a pass's k, v [B, kv, T, D] into one layer's StaticKVCache buffer KV [2, B, kv, S + tail, D]
-    (keys, then values): all T tokens at tail_rows [T] (None: not there), and the last min(T, S) at their
-    slots, position % S (positions [T]; None: not stored). One indexed copy of both (the rows never repeat:
-    the tail lies after the S slots), so that compiled it is one kernel that writes the cache in place (a
-    slice assignment beside an indexed copy made inductor copy the whole cache)."""
+    (keys, then values): all T tokens at tail_rows [T] (None: not there), and of the first m tokens (the encoder's)
+    the last min(m, S) at their slots, position % S (positions [m]; None: none stored). One indexed copy of both
+    (the rows never repeat: the tail lies after the S slots), so that compiled it is one kernel that writes the
+    cache in place (a slice assignment beside an indexed copy made inductor copy the whole cache)."""
     rows, src = [], []
     if tail_rows is not None:
         rows.append(tail_rows)
         src.append(torch.stack([k, v]))
     if positions is not None:
-        n = min(k.shape[2], S)
+        m = positions.shape[0]
+        n = min(m, S)
         rows.append(positions[-n:] % S)
-        src.append(torch.stack([k[:, :, -n:], v[:, :, -n:]]))
+        src.append(torch.stack([k[:, :, m - n:m], v[:, :, m - n:m]]))
     KV.index_copy_(3, torch.cat(rows), torch.cat(src, 3))
 
 
@@ -1253,42 +1266,56 @@ class DiffusionGemma(nn.Module):
                                     cfg.global_partial_rotary_factor).to(device)}
         return self._inv_freq[device]
 
-    def pass_inputs(self, positions, cache: KVCache, valid, encoder: bool, inv_freq, B: int, dtype):
+    def pass_inputs(self, positions, cache: KVCache, valid, enc_rows: int, inv_freq, B: int, dtype):
         """What the layers of a pass at positions [T] (valid [B, T]) read besides x, per layer type: RoPE's
         (cos, sin) [B, T, head_dim] and the attention bias [B, 1, T, S] over the keys the cache shows (every
-        layer of a type sees the same tokens). inv_freq: self.inv_freq(device), made outside so that the compiled
-        version creates no tensor. Some fifty small kernels eager; compile_layers compiles this for the fast
-        path's passes of at most a canvas (step_inputs): ~0.1 ms of an AR token on an H200 eager."""
+        layer of a type sees the same tokens). The first enc_rows tokens are the encoder's: they attend causally.
+        The rest are the decoder's: they attend to the cache and to each other, and see the encoder's tokens of
+        the same pass (commit_and_denoise's) as if those were already in the cache. inv_freq: self.inv_freq(device),
+        made outside so that the compiled version creates no tensor. Some fifty small kernels eager; compile_layers
+        compiles this for the fast path's passes through the tail of the cache (step_inputs): ~0.1 ms of an AR
+        token on an H200 eager."""
         cfg, T = self.cfg, positions.shape[0]
         rope = {kind: rope_cos_sin(positions[None].expand(B, T), inv, dtype) for kind, inv in inv_freq.items()}
         own_pos, own_valid = cache.own_keys(positions, valid)
         masks = {}
         for kind in dict.fromkeys(cfg.layer_types):
-            ctx_pos, ctx_valid = cache.visible(kind, positions.device, T)
+            ctx_pos, ctx_valid = cache.visible(kind, positions.device, enc_rows)
+            k_pos, k_valid = torch.cat([ctx_pos, own_pos]), torch.cat([ctx_valid, own_valid], 1)
             window = cfg.sliding_window if kind == SLIDING else None
-            if not encoder and cfg.sliding_window_mode == "anchored":
-                window = None  # every canvas query sees the whole cached tail and the canvas
-            mask = attention_mask(positions, torch.cat([ctx_pos, own_pos]), torch.cat([ctx_valid, own_valid], 1),
-                                  causal=encoder, window=window, band=not encoder)
+            rows = []  # the masks of the encoder's query rows, then of the decoder's
+            if enc_rows > 0:
+                rows.append(attention_mask(positions[:enc_rows], k_pos, k_valid, causal=True, window=window,
+                                           band=False))
+            if enc_rows < T:
+                if kind == SLIDING:  # what the cache keeps once the encoder's tokens are in: the last window-1
+                    k_valid = k_valid & (k_pos > positions[enc_rows] - window)
+                if cfg.sliding_window_mode == "anchored":
+                    window = None  # every canvas query sees the whole cached tail and the canvas
+                rows.append(attention_mask(positions[enc_rows:], k_pos, k_valid, causal=False, window=window,
+                                           band=True))
+            mask = torch.cat(rows, 2) if len(rows) > 1 else rows[0]
             flex = kind == SLIDING and T in self.flex_rows and mask.shape[-1] % FLEX_BLOCK == 0
             masks[kind] = block_mask(mask) if flex else attention_bias(mask, dtype)
         return rope, masks
 
-    def run_layers(self, x, positions, cache: KVCache, valid, encoder: bool):
-        """Runs every layer over x [B, T, H] at positions [T] against the cache. The encoder attends
-        causally and writes the new keys/values (encode() then advances the cache); the decoder attends
-        bidirectionally and discards them."""
+    def run_layers(self, x, positions, cache: KVCache, valid, enc_rows: int):
+        """Runs every layer over x [B, T, H] at positions [T] against the cache. The first enc_rows tokens are
+        the encoder's: they attend causally and write their keys/values (the caller then advances the cache).
+        The rest are the decoder's: they attend bidirectionally and discard theirs. A pass is one or the other
+        (enc_rows T or 0), except commit_and_denoise's."""
         B, T, _ = x.shape
         cfg = self.cfg
         # compiled, step_inputs runs only where it compiles once per pass: on the static cache (its length a device
-        # tensor; KVCache's is a number), not in a prefill chunk (which reads the length on the host, read_slots)
-        short = isinstance(cache, StaticKVCache) and T <= cfg.canvas_length
+        # tensor; KVCache's is a number), not in a prefill chunk that stores more than a canvas (which reads the
+        # length on the host, read_slots)
+        short = isinstance(cache, StaticKVCache) and enc_rows <= cfg.canvas_length
         inputs = self.step_inputs if short else self.pass_inputs
-        rope, masks = inputs(positions, cache, valid, encoder, self.inv_freq(x.device), B, x.dtype)
-        store = positions if encoder else None  # the encoder stores its keys/values
+        rope, masks = inputs(positions, cache, valid, enc_rows, self.inv_freq(x.device), B, x.dtype)
+        store = positions[:enc_rows] if enc_rows else None  # the encoder stores its keys/values
         for i, layer in enumerate(self.layers):
             kind = cfg.layer_types[i]
-            x = layer(x, *rope[kind], partial(cache.keys_values, i, positions=store), masks[kind], encoder)
+            x = layer(x, *rope[kind], partial(cache.keys_values, i, positions=store), masks[kind], enc_rows)
         return self.norm(x)
 
     # --- the two modes
@@ -1302,7 +1329,7 @@ class DiffusionGemma(nn.Module):
         advance=False writes the keys/values but leaves the cache's length to the caller (the fast path)."""
         if valid is None:
             valid = torch.ones_like(ids, dtype=torch.bool)
-        h = self.run_layers(self.embed(ids), cache.positions(ids.shape[1], ids.device), cache, valid, encoder=True)
+        h = self.run_layers(self.embed(ids), cache.positions(ids.shape[1], ids.device), cache, valid, ids.shape[1])
         if advance:
             cache.advance(valid)
         return h
@@ -1327,14 +1354,34 @@ class DiffusionGemma(nn.Module):
         sc_mask [B] bool: rows that get the self-conditioning signal (False: zeroed; training). Returns fp32
         logits [B, C, V].
         chunk: vocabulary chunk of the head and of the self-conditioning product (see head)."""
+        x = self.decoder_input(canvas, sc_logits, sc_mask, chunk)
+        positions = cache.positions(canvas.shape[1], canvas.device)
+        valid = torch.ones_like(canvas, dtype=torch.bool)
+        return self.head(self.run_layers(x, positions, cache, valid, 0), chunk)
+
+    def decoder_input(self, canvas, sc_logits=None, sc_mask=None, chunk=None):
+        """canvas [B, C] -> the decoder's input [B, C, H]: its embedding with the self-conditioning signal of
+        sc_logits (see denoise)."""
         x = self.embed(canvas)
         soft = torch.zeros_like(x) if sc_logits is None else self.soft_embedding(sc_logits, chunk)
         if sc_mask is not None:
             soft = soft * sc_mask.to(soft.dtype)[:, None, None]
-        x = self.self_conditioning(x, soft)
-        positions = cache.positions(canvas.shape[1], canvas.device)
-        valid = torch.ones_like(canvas, dtype=torch.bool)
-        return self.head(self.run_layers(x, positions, cache, valid, encoder=False), chunk)
+        return self.self_conditioning(x, soft)
+
+    def commit_and_denoise(self, block, canvas, cache: KVCache, valid=None, chunk=None):
+        """encode(block, cache, valid, advance=False), then denoise(canvas, cache) (the first step of the next
+        block: no self-conditioning), as one pass over the 2C tokens, so that the weights stream once for both:
+        the block's rows attend causally and store their keys/values, the canvas's rows see the block as if it
+        were already committed. The same sums as the two passes, added in another order (the block's keys come
+        after the cache's). block, canvas [B, C]; valid [B, C] (the block's real tokens). Returns the canvas's
+        fp32 logits [B, C, V]; the caller advances the cache by the block (the fast path's generate)."""
+        C = block.shape[1]
+        if valid is None:
+            valid = torch.ones_like(block, dtype=torch.bool)
+        x = torch.cat([self.embed(block), self.decoder_input(canvas, chunk=chunk)], 1)
+        positions = cache.positions(C + canvas.shape[1], canvas.device)
+        h = self.run_layers(x, positions, cache, torch.cat([valid, torch.ones_like(valid)], 1), C)
+        return self.head(h[:, C:], chunk)
 
     def forward(self, input_ids, canvas, self_conditioning_logits=None):
         """Encodes input_ids [B, T] into a fresh cache, then denoises canvas [B, C] against it.
@@ -1925,9 +1972,12 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
     forwards = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # rows that emitted a stop token
     for block in range(n_blocks):
-        if block > 0:
+        first = None  # the block's first denoising step, where not denoise
+        if block > 0 and fast is not None and fast.fuse_commit:  # the commit rides along with that step
+            first = partial(fast.commit_and_denoise, out[-1])
+        elif block > 0:
             commit(out[-1])  # the encoder over the previous block, at its own positions, into the cache
-        argmax, n = denoise_block(model, denoise, gen, generator, finished, forwards, on_step, block, fast)
+        argmax, n = denoise_block(model, denoise, gen, generator, finished, forwards, on_step, block, fast, first)
         steps.append(n)
         tokens, stopped = truncate_after_stop(argmax, stop_ids, gen.pad_token_id)
         tokens = tokens.masked_fill(finished[:, None], gen.pad_token_id)  # rows that finished in an earlier block
@@ -1942,8 +1992,9 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
                             seconds=time.perf_counter() - t0, prefill_seconds=prefill)
 
 
-def denoise_block(model, denoise, gen, generator, finished, forwards, on_step=None, block=0, fast=None):
-    """Denoises one canvas; denoise(canvas, sc_logits) -> logits is the model's pass against the cache.
+def denoise_block(model, denoise, gen, generator, finished, forwards, on_step=None, block=0, fast=None, first=None):
+    """Denoises one canvas; denoise(canvas, sc_logits) -> logits is the model's pass against the cache, and
+    first(canvas) -> logits, where given, the first step's (FastPath.commit_and_denoise: no self-conditioning yet).
     Rows that stop are frozen and never change the others; rows that finished in an earlier block are still
     denoised (generate pads their output) but not counted in `forwards`. Returns (argmax, steps run)."""
     cfg, device, dtype = model.cfg, finished.device, model.embed_tokens.weight.dtype
@@ -1960,7 +2011,7 @@ def denoise_block(model, denoise, gen, generator, finished, forwards, on_step=No
     n = 0
     for step in range(N):
         forwards += ~(done | finished)
-        logits = denoise(canvas, sc)
+        logits = first(canvas) if step == 0 and first is not None else denoise(canvas, sc)
         # on logits / temperature: a sample (torch.multinomial's draw), the argmax, the entropy, and the
         # scaled logits in the weight dtype (the next step's self-conditioning input)
         sample, new_argmax, ent, new_sc = sample_fn(logits, temperature(step, N, gen.t_min, gen.t_max), generator,
@@ -2067,6 +2118,8 @@ class FastPath:
         graph and replayed, with no Python and no launch overhead (a pass is ~2,000 kernels, which take
         longer to launch one by one than to run). The prompt's prefill runs in chunks of at most prefill_chunk
         tokens (prefill_chunks), not recorded;
+      * fuse_commit: a finished block's commit in the same pass as the next block's first denoising step
+        (commit_and_denoise), so that the weights stream once for both;
       * the 262k-vocabulary head and self-conditioning product vocab_chunk rows at a time, the sampler
         sampler_rows positions at a time: fp32 temporaries stay a few [chunk or rows, V].
     The modules and the math are the plain path's; tests check that both give the same tokens. Build it
@@ -2078,7 +2131,8 @@ class FastPath:
     CUDA events."""
 
     def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=4096, vocab_chunk=32768,
-                 sampler_rows=None, sampler_kernel=False, compile_layers=False, autotune=False, timing=False):
+                 sampler_rows=None, sampler_kernel=False, compile_layers=False, autotune=False, timing=False,
+                 fuse_commit=True):
         cfg, w = model.cfg, model.embed_tokens.weight
         if prefill_chunk < 1:
             raise DiffusionGemmaError(f"prefill_chunk must be a positive number of tokens, not {prefill_chunk}")
@@ -2108,6 +2162,7 @@ class FastPath:
         self.cache = StaticKVCache(cfg, batch_size, -(-capacity // 64) * 64, self.device, self.dtype)
         self.graphs, self.recorded = graphs and cuda, {}
         self.prefill_chunk, self.vocab_chunk, self.sampler_rows = prefill_chunk, vocab_chunk, sampler_rows
+        self.fuse_commit = fuse_commit
         self.sampler = sampler_kernels if sampler_kernel and cuda and triton is not None else sampler_math
         self.compiled_layers = compile_layers
         if compile_layers:
@@ -2165,6 +2220,16 @@ class FastPath:
         self.block.copy_(tokens)
         self._run("commit", lambda: self.model.encode(self.block, self.cache, self.real, advance=False))
         self.cache.advance(self.real)
+
+    def commit_and_denoise(self, tokens, canvas):
+        """commit(tokens), then denoise(canvas, None), as one recorded pass (model.commit_and_denoise): the
+        weights stream once for both. Returns the canvas's logits, overwritten by the next call."""
+        self.block.copy_(tokens)
+        self.canvas.copy_(canvas)
+        logits = self._run("commit+denoise", lambda: self.model.commit_and_denoise(
+            self.block, self.canvas, self.cache, self.real, self.vocab_chunk))
+        self.cache.advance(self.real)
+        return logits
 
     def ar_step(self, token):
         """One autoregressive token [B] -> the next token's logits [B, V] (overwritten by the next call)."""

@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--autotune", action="store_true",
                    help="with --compile-layers: let inductor time Triton templates against aten for every "
                         "compiled GEMM (max-autotune; faster expert GEMMs, minutes more compiling once)")
+    p.add_argument("--fuse-commit", action=argparse.BooleanOptionalAction, default=True,
+                   help="fast path: commit each finished block in the same pass as the next block's first denoising "
+                        "step, so that the weights stream once for both (default: on)")
     p.add_argument("--fp8", action="store_true",
                    help="store the routed experts in float8 e4m3 with one scale per output row: half the bytes a "
                         "pass streams, faster on an H100; an approximation of the bf16 model, not exact (inference)")
@@ -137,8 +140,9 @@ def benchmark(args, model, run, fast, device, T):
     times = fast.timings()
     peak, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
     bw = copy_bandwidth(device)
-    passes = {"prefill": (B * T, False), "denoise": (B * cfg.canvas_length, True),
-              "commit": (B * cfg.canvas_length, False), "ar": (B, True)}
+    C = cfg.canvas_length
+    passes = {"prefill": (B * T, False), "denoise": (B * C, True), "commit": (B * C, False),
+              "commit+denoise": (2 * B * C, True), "ar": (B, True)}
     print(f"benchmark: {torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | "
           f"weights {weight_bytes_per_pass(model, 10**9) / 1e9:.1f} GB | batch {B} | prompt {T} | "
           f"fast path {'with' if fast.graphs else 'without'} CUDA graphs, "
@@ -146,23 +150,28 @@ def benchmark(args, model, run, fast, device, T):
           f"{'compiled' if fast.compiled_layers else 'eager'} layers{' (autotuned)' if args.autotune else ''}, "
           f"{'fp8 experts' if args.fp8 else 'bf16 experts'}"
           f"{' (our Triton kernel)' if model.layers[0].experts.few_rows_kernel else ''}")
-    print(f"{'pass':8} {'calls':>6} {'median ms':>10} {'weights GB':>11} {'floor ms':>9} {'of copy bw':>11}")
+    print(f"{'pass':14} {'calls':>6} {'median ms':>10} {'weights GB':>11} {'floor ms':>9} {'of copy bw':>11}")
     for name, ms in times.items():
         tokens, head = passes[name]
         gb = weight_bytes_per_pass(model, tokens, head) / 1e9
         floor = gb * 1e9 / bw * 1e3
-        print(f"{name:8} {len(ms):6d} {median(ms):10.2f} {gb:11.2f} {floor:9.2f} {floor / median(ms):10.0%}")
+        print(f"{name:14} {len(ms):6d} {median(ms):10.2f} {gb:11.2f} {floor:9.2f} {floor / median(ms):10.0%}")
     res = results[len(results) // 2]
     tps = median([r.tokens_per_second for r in results])
     decode = median([sum(r.new_tokens) / (r.seconds - r.prefill_seconds) for r in results])
     line = [f"{sum(res.new_tokens)} new tokens", f"{tps:.1f} tok/s end to end (median of {args.repeat})",
             f"{decode:.1f} tok/s after the prefill"]
     if args.mode == "diffusion":
-        n_steps = sum(res.steps)
-        passes_ms = median(times["denoise"]) * n_steps + median(times.get("commit", [0])) * (len(res.steps) - 1)
+        # every block boundary runs a commit, or (fused) a commit+denoise in place of the next block's first step
+        n_steps, joins, fused = sum(res.steps), len(res.steps) - 1, "commit+denoise" in times
+        denoise_ms = median(times["denoise"])
+        passes_ms = denoise_ms * (n_steps - joins * fused) + sum(
+            median(times[name]) * joins for name in ("commit", "commit+denoise") if name in times)
         wall_ms = (res.seconds - res.prefill_seconds) * 1e3
         line += [f"steps/block {res.steps}",
                  f"sampler and the rest {(wall_ms - passes_ms) / n_steps:.2f} ms/step"]
+        if fused:
+            line.append(f"commit inside commit+denoise {median(times['commit+denoise']) - denoise_ms:.2f} ms")
     print(" | ".join(line))
     print(f"peak memory {peak:.1f} GiB allocated, {reserved:.1f} GiB reserved")
 
@@ -265,7 +274,7 @@ def main(argv=None):
         new = gen.max_new_tokens if args.mode == "ar" else blocks * cfg.canvas_length
         fast = dg.FastPath(model, batch_size=args.batch, capacity=len(ids) + new, timing=args.benchmark,
                            sampler_kernel=args.sampler_kernel is not False, compile_layers=args.compile_layers,
-                           autotune=args.autotune)
+                           autotune=args.autotune, fuse_commit=args.fuse_commit)
 
     def run():
         if args.mode == "ar":
@@ -303,8 +312,13 @@ def main(argv=None):
     if device.startswith("cuda"):
         B, C = args.batch, cfg.canvas_length
         if args.mode == "diffusion":
-            moved = (weight_bytes_per_pass(model, B * C) * sum(res.steps)                      # denoise passes
-                     + weight_bytes_per_pass(model, B * C, head=False) * (len(res.steps) - 1))  # commits
+            joins = len(res.steps) - 1  # block boundaries: a commit each, alone or with the next block's first step
+            if fast is not None and fast.fuse_commit:
+                moved = (weight_bytes_per_pass(model, B * C) * (sum(res.steps) - joins)
+                         + weight_bytes_per_pass(model, 2 * B * C) * joins)
+            else:
+                moved = (weight_bytes_per_pass(model, B * C) * sum(res.steps)
+                         + weight_bytes_per_pass(model, B * C, head=False) * joins)
         else:
             moved = weight_bytes_per_pass(model, B) * res.forwards[0]
         stats.append(f"weight bandwidth {moved / decode_s / 1e9:.3g} GB/s")

@@ -985,8 +985,9 @@ def fast_path(model, batch_size, capacity=128):
 def test_fast_path_logits_match_plain(tiny_ckpt, mode):
     """The static cache (sliding layers in a ring), chunked prefill, chunked head and self-conditioning
     give the plain path's logits: after the prefill of a left-padded batch longer than the window, with
-    and without self-conditioning, and after a commit. (The plain path runs first, so before FastPath fuses
-    the projections: this also compares fused and separate GEMMs.)"""
+    and without self-conditioning, and after a commit, run alone or in one pass with the next block's first
+    step (commit_and_denoise), whose cache then serves the next step too. (The plain path runs first, so before
+    FastPath fuses the projections: this also compares fused and separate GEMMs.)"""
     model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window_mode=mode, device="cpu")
     g = torch.Generator().manual_seed(5)
     ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]], 0, "cpu")
@@ -998,14 +999,47 @@ def test_fast_path_logits_match_plain(tiny_ckpt, mode):
         l2 = model.denoise(canvas, cache, l1 / 0.7)
         model.encode(block, cache)
         l3 = model.denoise(canvas, cache, l1 / 0.7)
+        l4 = model.denoise(canvas, cache)
         fast = fast_path(model, 2)
-        fast.start(2, ids.shape[1] + 32)
-        fast.prefill(ids, valid)
-        assert rel_err(fast.denoise(canvas, None), l1) < 1e-5
-        assert rel_err(fast.denoise(canvas, l1 / 0.7), l2) < 1e-5
-        fast.commit(block)
-        assert fast.cache.host_length == cache.length == ids.shape[1] + 16
-        assert rel_err(fast.denoise(canvas, l1 / 0.7), l3) < 1e-5
+        for fused in (False, True):
+            fast.start(2, ids.shape[1] + 32)
+            fast.prefill(ids, valid)
+            if fused:
+                assert rel_err(fast.commit_and_denoise(block, canvas), l4) < 1e-5
+            else:
+                assert rel_err(fast.denoise(canvas, None), l1) < 1e-5
+                assert rel_err(fast.denoise(canvas, l1 / 0.7), l2) < 1e-5
+                fast.commit(block)
+            assert fast.cache.host_length == cache.length == ids.shape[1] + 16
+            assert rel_err(fast.denoise(canvas, l1 / 0.7), l3) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["band", "anchored"])
+@pytest.mark.parametrize("static", [False, True])
+def test_commit_and_denoise_matches_commit_then_denoise(mode, static):
+    """One pass over a finished block and the next canvas (commit_and_denoise) gives the canvas the logits of
+    a commit followed by a denoising step, and leaves the cache as the commit does (the next step's logits are
+    the same to the bit), on both caches: after a prompt inside and beyond the sliding window of 8, with a
+    canvas of 16, so that the block's first tokens drop out of the window the canvas sees."""
+    cfg = tiny_config(sliding_window_mode=mode)
+    model = randomise_(DiffusionGemma(cfg)).eval()
+    g = torch.Generator().manual_seed(1)
+    for prompt_len in (5, 20):
+        ids, block, canvas, later = (torch.randint(0, 512, (2, n), generator=g) for n in (prompt_len, 16, 16, 16))
+        real = torch.ones(2, 16, dtype=torch.bool)
+
+        def prefilled():
+            cache = dg.StaticKVCache(cfg, 2, 64, "cpu", torch.float32) if static else model.new_cache(2)
+            model.encode(ids, cache)
+            return cache
+        with torch.no_grad():
+            apart, joint = prefilled(), prefilled()
+            model.encode(block, apart)
+            want = model.denoise(canvas, apart)
+            got = model.commit_and_denoise(block, canvas, joint)
+            joint.advance(real)
+            assert rel_err(got, want) < 1e-5, prompt_len
+            assert torch.equal(model.denoise(later, joint), model.denoise(later, apart)), prompt_len
 
 
 def test_block_mask_with_flex_attention_matches_the_dense_mask():
@@ -1051,7 +1085,7 @@ def test_fast_path_prefill_with_flex_attention_matches_plain(tiny_ckpt, device):
         assert [b - a for a, b in dg.prefill_chunks(ids.shape[1], 256)] == [10, 128, 256]
         fast.start(2, ids.shape[1] + 16)
         for T in (128, 256):
-            rope, masks = model.pass_inputs(torch.arange(T, device=device), fast.cache, valid[:, :T], True,
+            rope, masks = model.pass_inputs(torch.arange(T, device=device), fast.cache, valid[:, :T], T,
                                             model.inv_freq(device), 2, torch.float32)
             assert isinstance(masks[dg.SLIDING], dg.BlockMask) and not isinstance(masks[dg.FULL], dg.BlockMask)
         fast.prefill(ids, valid)
@@ -1070,7 +1104,7 @@ def test_prefill_chunks():
 
 
 def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
-    """Prefill chunks longer than the cache's tail are eager, so their layers attend only to the slots written so
+    """Prefill chunks that store more than a canvas are eager, so their layers attend only to the slots written so
     far, not to the whole capacity or ring: the logits still match the plain path's, the keys such a chunk reads
     stop at the cache's length (a sliding layer's at whole blocks of FLEX_BLOCK, or its ring), and a first chunk
     reads no slot, so its own keys are not copied."""
@@ -1083,15 +1117,17 @@ def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
         cache = model.new_cache(2)
         model.encode(ids, cache, valid)
         want = model.denoise(canvas, cache)
-        fast = dg.FastPath(model, batch_size=2, capacity=512, prefill_chunk=20)  # 1 + 3 chunks of 20 > 16 (the tail)
+        fast = dg.FastPath(model, batch_size=2, capacity=512, prefill_chunk=20)  # 1 + 3 chunks of 20 > 16 (a canvas)
         fast.start(2, ids.shape[1] + 16)
         k = torch.zeros(2, model.cfg.num_global_key_value_heads, 20, model.cfg.global_head_dim)
         ks = torch.zeros(2, model.cfg.num_key_value_heads, 20, model.cfg.head_dim)
-        # nothing cached yet: nothing read, nothing copied
-        assert fast.cache.keys_values(full, k, k)[0] is k and fast.cache.keys_values(sliding, ks, ks)[0] is ks
+        # nothing cached yet: a chunk of 20 stored tokens reads nothing and copies nothing (the prefill overwrites)
+        stored = torch.arange(20)
+        assert fast.cache.keys_values(full, k, k, stored)[0] is k
+        assert fast.cache.keys_values(sliding, ks, ks, stored)[0] is ks
         fast.prefill(ids, valid)
         assert rel_err(fast.denoise(canvas, None), want) < 1e-5
-        keys, _ = fast.cache.keys_values(full, k, k)
+        keys, _ = fast.cache.keys_values(full, k, k, stored + 200)  # (slots no pass reads after this)
         assert keys.shape[2] == ids.shape[1] + 20 < fast.cache.capacity
         ring = fast.cache.slots[dg.SLIDING]
         assert ring == 256 and fast.cache.read_slots(dg.SLIDING, 20) == 128  # 61 written: one whole block
@@ -1103,9 +1139,10 @@ def test_fast_path_long_prefill_chunks_read_only_written_slots(tiny_ckpt):
 def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False, seeds=range(6), batch=2):
     """fp32 logits of the fast path's passes on one small batch, once per seed of the canvas, block and
     self-conditioning inputs: a denoising step without and with self-conditioning, then (after a commit) an
-    AR token. Returns the three passes' logits, each stacked over the seeds. The 22-token prompt is prefilled
-    as a 2-token remainder (eager), then one chunk of 20, longer than the tail of 16 (compiled with compiled
-    layers). The self-conditioned step reads the same given logits in every variant, not the variant's own
+    AR token; then, from the prompt again, the commit in one pass with a denoising step (commit_and_denoise),
+    and an AR token after it. Returns the five passes' logits, each stacked over the seeds. The 22-token prompt
+    is prefilled as a 2-token remainder (eager), then one chunk of 20, longer than a canvas of 16 (compiled with
+    compiled layers). The self-conditioned step reads the same given logits in every variant, not the variant's own
     first step, so that its error is the pass's own. batch=1 keeps the first prompt only: its AR token is
     one row, whose experts compiled layers gather (Experts.forward_gathered), as in the 26B benchmark."""
     ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]][:batch], 0, device)
@@ -1124,7 +1161,11 @@ def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False, 
             second = fast.denoise(canvas.to(device), sc_logits.to(device)).float().cpu()
             fast.commit(block.to(device))
             ar = fast.ar_step(block[:, -1].to(device)).float().cpu()
-        runs.append((first, second, ar))
+            fast.start(batch, ids.shape[1] + 33)
+            fast.prefill(ids, valid)
+            fused = fast.commit_and_denoise(block.to(device), canvas.to(device)).float().cpu()
+            fused_ar = fast.ar_step(block[:, -1].to(device)).float().cpu()
+        runs.append((first, second, ar, fused, fused_ar))
     return [torch.stack(outs) for outs in zip(*runs)]
 
 
@@ -1188,12 +1229,14 @@ def test_fast_path_with_dependent_launch_matches_eager_on_gpu(gentle_ckpt):
 ])
 def test_fast_path_generates_the_plain_tokens(gentle_ckpt, settings):
     """generate and generate_ar give the same tokens on the fast path as on the plain one: a left-padded
-    batch, a prompt beyond the sliding window, three blocks (two commits), adaptive stopping on and off."""
+    batch, a prompt beyond the sliding window, three blocks (two commits, fused or not), adaptive stopping on
+    and off."""
     model = DiffusionGemma.from_pretrained(gentle_ckpt, device="cpu")
     prompts = [[2] + list(range(20, 39)), [2, 7, 8, 9]]
     gen = GenerationConfig(**settings)
     fast = fast_path(model, 2)
-    for seed in (3, 4):
+    for seed, fused in ((3, True), (4, False)):  # commits in the next block's first step, or apart
+        fast.fuse_commit = fused
         plain = generate(model.set_experts_impl("loop"), prompts, gen, generator=torch.Generator().manual_seed(seed))
         quick = generate(model, prompts, gen, generator=torch.Generator().manual_seed(seed), fast=fast)
         assert torch.equal(plain.tokens, quick.tokens), seed
@@ -1231,12 +1274,12 @@ def test_compiled_step_inputs_match_eager_and_compile_once():
     C = cfg.canvas_length
 
     def check():
-        for T, encoder in ((C, False), (C, True), (1, True)):
-            args = cache.positions(T, "cpu"), torch.ones(2, T, dtype=torch.bool), encoder, model.inv_freq("cpu")
+        for T, enc_rows in ((C, 0), (C, C), (1, 1), (2 * C, C)):
+            args = cache.positions(T, "cpu"), torch.ones(2, T, dtype=torch.bool), enc_rows, model.inv_freq("cpu")
             (rope, masks), (rope_c, masks_c) = (f(args[0], cache, *args[1:], 2, torch.bfloat16)
                                                 for f in (model.pass_inputs, model.step_inputs))
             for kind in masks:
-                assert torch.equal(masks_c[kind], masks[kind]) and bool((masks[kind] == 0).any()), (T, encoder)
+                assert torch.equal(masks_c[kind], masks[kind]) and bool((masks[kind] == 0).any()), (T, enc_rows)
                 for a, b in zip(rope_c[kind], rope[kind]):
                     torch.testing.assert_close(a, b, rtol=0, atol=2 ** -7)
 
