@@ -1741,21 +1741,22 @@ def entropy(logits):
     return -(logp.exp() * logp).sum(-1)
 
 
-def sampler_math(logits, t, q, sc_dtype):
+def sampler_math(logits, t, q, sc_dtype, sc=None):
     """The sampler's work on rows of logits [N, V] at temperature t, given q [N, V] ~ Exp(1) -> sample, argmax,
-    entropy [N], and the scaled logits in sc_dtype (the next step's self-conditioning input). The sample,
+    entropy [N], and the scaled logits in sc_dtype (the next step's self-conditioning input; written into sc
+    [N, V] where given). The sample,
     argmax(softmax / q), is exactly torch.multinomial's draw from the same generator (the same random numbers
     and arithmetic) without its checks of the probabilities, which copy a flag to the host and so stall the GPU
     at every call."""
     scaled = logits / t
     sample = (F.softmax(scaled, dim=-1) / q).argmax(-1)
-    return sample, scaled.argmax(-1), entropy(scaled), scaled.to(sc_dtype)
+    return sample, scaled.argmax(-1), entropy(scaled), scaled.to(sc_dtype) if sc is None else sc.copy_(scaled)
 
 
 SAMPLER_CHUNK = 8192  # sampler_kernels: vocabulary entries per program (a 262k vocabulary: 32 per row)
 
 
-def sampler_kernels(logits, t, q, sc_dtype, chunk=SAMPLER_CHUNK, warps=8):
+def sampler_kernels(logits, t, q, sc_dtype, sc=None, chunk=SAMPLER_CHUNK, warps=8):
     """sampler_math as two Triton kernels (the fast path's sampler on a GPU): two passes over the logits,
     each split into chunks of the vocabulary so that a few hundred rows fill the GPU. The first
     (sampler_stats_kernel) writes the scaled logits in sc_dtype and, per chunk, the max, the sum of exp and
@@ -1763,12 +1764,13 @@ def sampler_kernels(logits, t, q, sc_dtype, chunk=SAMPLER_CHUNK, warps=8):
     sum, writes the entropy and the argmax, and takes each chunk's best softmax / q; the best chunk's is the
     sample. The logits are scaled as CUDA's torch scales them (logits / t runs as logits * (1 / t), in fp32);
     the draws are then sampler_math's on the GPU wherever the softmax rounds as F.softmax's does (its sum is added
-    in another order). logits, q [N, V] fp32; t a float."""
+    in another order). logits, q [N, V] fp32; t a float; sc [N, V] in sc_dtype (optional): where to write the
+    scaled logits."""
     N, V = logits.shape
     inv_t = (torch.ones((), dtype=torch.float32) / t).item()  # fp32's 1 / t, exact as a Python float
     logits, q = logits.contiguous(), q.contiguous()
     S = triton.cdiv(V, chunk)
-    sc = torch.empty(N, V, dtype=sc_dtype, device=logits.device)
+    sc = torch.empty(N, V, dtype=sc_dtype, device=logits.device) if sc is None else sc
     stats = torch.empty(3, N, S, dtype=torch.float32, device=logits.device)  # per chunk: see sampler_stats_kernel
     top = torch.empty(N, S, dtype=torch.int32, device=logits.device)         # each chunk's argmax
     sampler_stats_kernel[(N, S)](logits, sc, stats, top, inv_t, V, CHUNK=chunk, num_warps=warps)
@@ -1834,17 +1836,23 @@ if triton is not None:
         tl.store(best_at_ptr + row * S + c, c * CHUNK + tl.argmax(p, axis=0))
 
 
-def sample_logits(logits, t, generator, sc_dtype, rows=None, fn=sampler_math):
-    """logits [B, C, V] -> (sample, argmax, entropy) [B, C] and the scaled logits [B, C, V] in sc_dtype.
+def sample_logits(logits, t, generator, sc_dtype, rows=None, fn=sampler_math, sc=None):
+    """logits [B, C, V] -> (sample, argmax, entropy) [B, C] and the scaled logits [B, C, V] in sc_dtype,
+    written into sc where given (the fast path's self-conditioning input buffer: no copy before the next step).
     The random draw is torch.multinomial's (one call over all B*C rows, in transformers' order); the rest
     runs `rows` positions at a time when given, so fp32 temporaries stay [rows, V]. fn: sampler_math, or the
     fast path's sampler_kernels."""
     B, C, V = logits.shape
     flat = logits.reshape(B * C, V)
     q = torch.empty_like(flat).exponential_(generator=generator)
-    parts = [fn(x, t, e, sc_dtype) for x, e in zip(flat.split(rows or B * C), q.split(rows or B * C))]
-    join = [p[0] if len(parts) == 1 else torch.cat(p) for p in zip(*parts)]
-    return tuple(x.view(B, C, *x.shape[1:]) for x in join)
+    r = rows or B * C
+    outs = [None] * len(q.split(r)) if sc is None else sc.view(B * C, V).split(r)
+    parts = [fn(x, t, e, sc_dtype, out) for x, e, out in zip(flat.split(r), q.split(r), outs)]
+    sample, argmax, ent, scaled = (p[0] if len(parts) == 1 else p for p in zip(*parts))
+    if len(parts) > 1:  # (sc, where given, is already whole)
+        sample, argmax, ent = torch.cat(sample), torch.cat(argmax), torch.cat(ent)
+        scaled = None if sc is not None else torch.cat(scaled)
+    return sample.view(B, C), argmax.view(B, C), ent.view(B, C), scaled.view(B, C, V) if sc is None else sc
 
 
 def entropy_bound_accept(ent, bound: float):
@@ -2210,7 +2218,7 @@ class FastPath:
         """model.denoise(canvas, cache, sc_logits) as a recorded pass. Its output is overwritten by the next call."""
         self.canvas.copy_(canvas)
         self.sc_on.fill_(sc_logits is not None)  # on the first step the buffer's signal is multiplied by 0
-        if sc_logits is not None:
+        if sc_logits is not None and sc_logits is not self.sc:  # (sample() writes into self.sc)
             self.sc.copy_(sc_logits)
         return self._run("denoise", lambda: self.model.denoise(self.canvas, self.cache, self.sc, self.sc_on,
                                                                self.vocab_chunk))
@@ -2240,8 +2248,9 @@ class FastPath:
         return logits
 
     def sample(self, logits, t, generator, sc_dtype):
-        """sample_logits with this path's row chunk and sampler."""
-        return sample_logits(logits, t, generator, sc_dtype, self.sampler_rows, self.sampler)
+        """sample_logits with this path's row chunk and sampler; the scaled logits go straight into the input
+        buffer of the next denoising step (denoise then copies nothing)."""
+        return sample_logits(logits, t, generator, sc_dtype, self.sampler_rows, self.sampler, self.sc)
 
     def _run(self, name, fn):
         """fn(), which reads only the input buffers and the cache: on CUDA, recorded as a graph at its first

@@ -917,16 +917,19 @@ def test_temperature_schedule():
 
 def test_sampler_draws_like_multinomial():
     """sample_logits draws exactly what torch.multinomial draws from the same generator (the plain path's
-    transformers parity depends on it), whatever the row chunk."""
+    transformers parity depends on it), whatever the row chunk; the scaled logits come back new or written
+    into a given buffer (the fast path's), in bf16 as the weights' dtype rounds them."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 300, generator=g) * 4
     probs = torch.softmax(logits / 0.7, -1)
     expected = torch.multinomial(probs.view(-1, 300), 1, generator=torch.Generator().manual_seed(9))[:, 0]
-    for rows in (None, 4):
-        sample, argmax, ent, sc = dg.sample_logits(logits, 0.7, torch.Generator().manual_seed(9), torch.float32, rows)
+    for rows, dtype, buffer in ((None, torch.float32, None), (4, torch.float32, None), (None, torch.bfloat16, None),
+                                (4, torch.bfloat16, torch.zeros(3, 7, 300, dtype=torch.bfloat16))):
+        sample, argmax, ent, sc = dg.sample_logits(logits, 0.7, torch.Generator().manual_seed(9), dtype, rows,
+                                                   sc=buffer)
         assert torch.equal(sample.flatten(), expected)
         assert torch.equal(argmax, logits.argmax(-1)) and torch.equal(ent, dg.entropy(logits / 0.7))
-        assert torch.equal(sc, logits / 0.7)
+        assert torch.equal(sc, (logits / 0.7).to(dtype)) and (buffer is None or sc is buffer)
 
 
 SAMPLER_CHECK = """
@@ -939,7 +942,7 @@ q = torch.empty_like(logits).exponential_(generator=g)
 inv_t = (torch.ones(()) / 0.7).item()  # the kernels scale by fp32's 1 / t, as CUDA's torch divides by a number
 ref = dg.sampler_math(logits * inv_t, 1.0, q, torch.float32)
 for chunk in (128, 64, 512):  # three chunks (the last ragged); five; one
-    got = dg.sampler_kernels(logits, 0.7, q, torch.float32, chunk, warps=4)
+    got = dg.sampler_kernels(logits, 0.7, q, torch.float32, chunk=chunk, warps=4)
     same = [torch.equal(a, b) for a, b in zip(ref[:2] + ref[3:], got[:2] + got[3:])]
     print(int(all(same)), (got[2] - ref[2]).abs().max().item())
 print(ref[1][5].item(), ref[2][:5].max().item())
