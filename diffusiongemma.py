@@ -11,8 +11,9 @@ mask token); each step samples every position, keeps the lowest-entropy ones und
 bound and re-noises the rest; the block's argmax is emitted and committed; the next block follows.
 The plain path (KVCache, an expert loop) is the readable reference, tested against transformers;
 FastPath runs the same modules with a static cache, grouped-GEMM experts (on CUDA a Triton kernel of ours,
-written for a canvas's few rows per expert) and CUDA graphs, tested against the plain path. experts_to_fp8() is an
-opt-in approximation for speed: float8 experts.
+written for a canvas's few rows per expert) and CUDA graphs, tested against the plain path; it commits a block in
+the same pass as the next block's first step (commit_and_denoise), so the weights stream once for both.
+experts_to_fp8() is an opt-in approximation for speed: float8 experts.
 
 Quirks of the architecture that are easy to get wrong (all checked against transformers in tests):
   1. RMSNorm multiplies by `w`, not `1 + w` (Gemma 4, unlike Gemma 1-3); it runs in fp32 inside.
