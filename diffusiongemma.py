@@ -1002,12 +1002,12 @@ class KVCache:
         """What a pass with its own k, v [B, kv, T, D] attends to in this layer: the cached k, v, then its own.
         positions [m] (an encoder's tokens, the pass's first m: the next m positions) also adds those to the cache
         for later passes."""
-        T = k.shape[2]
+        own = k.shape[2]
         if self.k[layer] is not None:
             k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
         if positions is not None:  # appending is enough: these are the next positions
-            end = k.shape[2] - T + positions.shape[0]
-            self.k[layer], self.v[layer] = k[:, :, :end], v[:, :, :end]
+            keep = k.shape[2] - own + positions.shape[0]  # the cached keys, then the pass's first m
+            self.k[layer], self.v[layer] = k[:, :, :keep], v[:, :, :keep]
         return k, v
 
     def visible(self, kind, device, stored):
@@ -1100,8 +1100,7 @@ class StaticKVCache:
         if stored > self.cfg.canvas_length:  # a copy (none when no slot is read): the ring may then be overwritten
             R = self.read_slots(kind, stored)
             joined = (k, v) if R == 0 else (torch.cat([K[:, :, :R], k], dim=2), torch.cat([V[:, :, :R], v], dim=2))
-            if positions is not None:
-                self.store(KV, k, v, S, None, positions)
+            self.store(KV, k, v, S, None, positions)
             return joined
         self.store(KV, k, v, S, self.tail_rows[kind][:T], positions)
         return K[:, :, :S + self.padded(T)], V[:, :, :S + self.padded(T)]
@@ -1745,10 +1744,9 @@ def entropy(logits):
 def sampler_math(logits, t, q, sc_dtype, sc=None):
     """The sampler's work on rows of logits [N, V] at temperature t, given q [N, V] ~ Exp(1) -> sample, argmax,
     entropy [N], and the scaled logits in sc_dtype (the next step's self-conditioning input; written into sc
-    [N, V] where given). The sample,
-    argmax(softmax / q), is exactly torch.multinomial's draw from the same generator (the same random numbers
-    and arithmetic) without its checks of the probabilities, which copy a flag to the host and so stall the GPU
-    at every call."""
+    [N, V] where given). The sample, argmax(softmax / q), is exactly torch.multinomial's draw from the same
+    generator (the same random numbers and arithmetic) without its checks of the probabilities, which copy a flag
+    to the host and so stall the GPU at every call."""
     scaled = logits / t
     sample = (F.softmax(scaled, dim=-1) / q).argmax(-1)
     return sample, scaled.argmax(-1), entropy(scaled), scaled.to(sc_dtype) if sc is None else sc.copy_(scaled)
@@ -1847,13 +1845,13 @@ def sample_logits(logits, t, generator, sc_dtype, rows=None, fn=sampler_math, sc
     flat = logits.reshape(B * C, V)
     q = torch.empty_like(flat).exponential_(generator=generator)
     r = rows or B * C
-    outs = [None] * len(q.split(r)) if sc is None else sc.view(B * C, V).split(r)
+    outs = sc.view(B * C, V).split(r) if sc is not None else [None] * -(-B * C // r)
     parts = [fn(x, t, e, sc_dtype, out) for x, e, out in zip(flat.split(r), q.split(r), outs)]
-    sample, argmax, ent, scaled = (p[0] if len(parts) == 1 else p for p in zip(*parts))
-    if len(parts) > 1:  # (sc, where given, is already whole)
-        sample, argmax, ent = torch.cat(sample), torch.cat(argmax), torch.cat(ent)
-        scaled = None if sc is not None else torch.cat(scaled)
-    return sample.view(B, C), argmax.view(B, C), ent.view(B, C), scaled.view(B, C, V) if sc is None else sc
+    join = lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs)  # noqa: E731  (one part: no copy)
+    sample, argmax, ent = (join(p).view(B, C) for p in list(zip(*parts))[:3])
+    if sc is None:
+        sc = join([p[3] for p in parts]).view(B, C, V)
+    return sample, argmax, ent, sc
 
 
 def entropy_bound_accept(ent, bound: float):
