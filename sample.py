@@ -72,9 +72,9 @@ def parse_args(argv=None):
                    help="store the routed experts in float8 e4m3 with one scale per output row: half the bytes a "
                         "pass streams, faster on an H100; an approximation of the bf16 model, not exact (inference)")
     p.add_argument("--benchmark", action="store_true",
-                   help="time --repeat runs after a warm-up: median ms per pass (prefill, denoise, commit, or one "
-                        "AR token), tok/s, peak memory, and the weights streamed per pass against the card's copy "
-                        "bandwidth")
+                   help="time --repeat runs after a warm-up: median ms per pass (prefill, denoise, the commit with "
+                        "the next block's first step or, with --no-fuse-commit, alone, or one AR token), tok/s, peak "
+                        "memory, and the weights streamed per pass against the card's copy bandwidth")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of --benchmark")
     return p.parse_args(argv)
 
