@@ -914,6 +914,16 @@ def has_cpp_compiler():
 FINISH_SECONDS = 30  # kept for the final validation solve and the save when --max-minutes shrinks a run
 
 
+def end_distributed():
+    """Closes a data-parallel run's process group once training returned: every process first waits for the others
+    (rank 0 may still be saving), so that none exits with the group's threads still running; under gloo that
+    aborted a process ("terminate called without an active exception") in a CI run. Not after an error: a process
+    that failed leaves, and torchrun stops the others."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def over_processes(n: int, device, op="min") -> int:
     """min(n) or max(n) over the processes of a data-parallel run (n itself in a single process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -1416,7 +1426,9 @@ def main(argv=None):
         return make_test_sets(args.make_test_sets, workers=args.workers)
     if args.eval_only:
         return eval_only(args)
-    return train(args)
+    model = train(args)
+    end_distributed()
+    return model
 
 
 if __name__ == "__main__":
