@@ -11,8 +11,9 @@ mask token); each step samples every position, keeps the lowest-entropy ones und
 bound and re-noises the rest; the block's argmax is emitted and committed; the next block follows.
 The plain path (KVCache, an expert loop) is the readable reference, tested against transformers;
 FastPath runs the same modules with a static cache, grouped-GEMM experts (on CUDA a Triton kernel of ours,
-written for a canvas's few rows per expert) and CUDA graphs, tested against the plain path; it commits a block in
-the same pass as the next block's first step (commit_and_denoise), so the weights stream once for both.
+written for a canvas's few rows per expert) and CUDA graphs, tested against the plain path; it runs each block's
+first step in the same pass as the encoder pass before it (encode_and_denoise: the prompt's last chunk, or the
+commit of the block before), so the weights stream once for both.
 experts_to_fp8() is an opt-in approximation for speed: float8 experts.
 
 Quirks of the architecture that are easy to get wrong (all checked against transformers in tests):
@@ -954,7 +955,7 @@ class Layer(nn.Module):
     def add_feed_forward(self, x, dense, moe, enc_rows: int):
         """The residual x [B, T, H] plus the normed sum of both branches, times the layer's scalar: the encoder's
         for the first enc_rows tokens, the decoder's for the rest (a pass is one or the other, except
-        commit_and_denoise's)."""
+        encode_and_denoise's)."""
         x = x + self.post_feedforward_layernorm(dense + moe)
         if enc_rows in (0, x.shape[1]):
             return x * (self.encoder_layer_scalar if enc_rows else self.layer_scalar)
@@ -1036,7 +1037,7 @@ class StaticKVCache:
       * full layers: S = capacity slots; position p lives in slot p;
       * sliding layers: a ring of S >= window - 1 + canvas slots; position p lives in slot p % S;
       * after the S slots, a tail of 2 x canvas slots where a pass puts its own keys/values (keys_values): a
-        canvas, a block to commit, or both (commit_and_denoise); a pass that stores more than a canvas (a prefill
+        canvas, a block to commit, or both (encode_and_denoise); a pass that stores more than a canvas (a prefill
         chunk) reads only the slots written so far and concatenates (read_slots).
     An encoder pass also stores its keys/values in their slots, in the same indexed write (store_kv).
     Per slot, `pos` holds the position written there (EMPTY before any) and `valid` whether it is a real
@@ -1271,7 +1272,7 @@ class DiffusionGemma(nn.Module):
         (cos, sin) [B, T, head_dim] and the attention bias [B, 1, T, S] over the keys the cache shows (every
         layer of a type sees the same tokens). The first enc_rows tokens are the encoder's: they attend causally.
         The rest are the decoder's: they attend to the cache and to each other, and see the encoder's tokens of
-        the same pass (commit_and_denoise's) as if those were already in the cache. inv_freq: self.inv_freq(device),
+        the same pass (encode_and_denoise's) as if those were already in the cache. inv_freq: self.inv_freq(device),
         made outside so that the compiled version creates no tensor. Some fifty small kernels eager; compile_layers
         compiles this for the fast path's passes through the tail of the cache (step_inputs): ~0.1 ms of an AR
         token on an H200 eager."""
@@ -1303,7 +1304,7 @@ class DiffusionGemma(nn.Module):
         """Runs every layer over x [B, T, H] at positions [T] against the cache. The first enc_rows tokens are
         the encoder's: they attend causally and write their keys/values (the caller then advances the cache).
         The rest are the decoder's: they attend bidirectionally and discard theirs. A pass is one or the other
-        (enc_rows T or 0), except commit_and_denoise's."""
+        (enc_rows T or 0), except encode_and_denoise's."""
         B, T, _ = x.shape
         cfg = self.cfg
         # compiled, step_inputs runs only where it compiles once per pass: on the static cache (its length a device
@@ -1368,20 +1369,21 @@ class DiffusionGemma(nn.Module):
             soft = soft * sc_mask.to(soft.dtype)[:, None, None]
         return self.self_conditioning(x, soft)
 
-    def commit_and_denoise(self, block, canvas, cache: KVCache, valid=None, chunk=None):
-        """encode(block, cache, valid, advance=False), then denoise(canvas, cache) (the first step of the next
-        block: no self-conditioning), as one pass over the 2C tokens, so that the weights stream once for both:
-        the block's rows attend causally and store their keys/values, the canvas's rows see the block as if it
-        were already committed. The same sums as the two passes, added in another order (the block's keys come
-        after the cache's). block, canvas [B, C]; valid [B, C] (the block's real tokens). Returns the canvas's
-        fp32 logits [B, C, V]; the caller advances the cache by the block (the fast path's generate)."""
-        C = block.shape[1]
+    def encode_and_denoise(self, ids, canvas, cache: KVCache, valid=None, chunk=None):
+        """encode(ids, cache, valid, advance=False), then denoise(canvas, cache) (the first step of a block: no
+        self-conditioning), as one pass over the T + C tokens, so that the weights stream once for both. ids
+        [B, T] is what goes into the cache just before the block: the previous block (its commit) or the prompt's
+        last chunk. Its rows attend causally and store their keys/values; the canvas's rows see them as if they
+        were already in the cache. The same sums as the two passes, added in another order (the new keys come after
+        the cache's). canvas [B, C]; valid [B, T] (ids' real tokens). Returns the canvas's fp32 logits [B, C, V];
+        the caller advances the cache by ids (the fast path's generate)."""
+        T = ids.shape[1]
         if valid is None:
-            valid = torch.ones_like(block, dtype=torch.bool)
-        x = torch.cat([self.embed(block), self.decoder_input(canvas, chunk=chunk)], 1)
-        positions = cache.positions(C + canvas.shape[1], canvas.device)
-        h = self.run_layers(x, positions, cache, torch.cat([valid, torch.ones_like(valid)], 1), C)
-        return self.head(h[:, C:], chunk)
+            valid = torch.ones_like(ids, dtype=torch.bool)
+        x = torch.cat([self.embed(ids), self.decoder_input(canvas, chunk=chunk)], 1)
+        positions = cache.positions(T + canvas.shape[1], canvas.device)
+        h = self.run_layers(x, positions, cache, torch.cat([valid, torch.ones_like(canvas, dtype=torch.bool)], 1), T)
+        return self.head(h[:, T:], chunk)
 
     def forward(self, input_ids, canvas, self_conditioning_logits=None):
         """Encodes input_ids [B, T] into a fresh cache, then denoises canvas [B, C] against it.
@@ -1931,7 +1933,9 @@ class GenerationResult:
     forwards: list              # per row, decoder forward passes that row needed
     new_tokens: list            # per row, tokens up to and including the first stop token
     seconds: float              # wall time of the whole call
-    prefill_seconds: float = 0.0  # of which the prompt's encoder pass
+    prefill_seconds: float = 0.0  # of which the prompt's encoder passes (and the first step: see below)
+    first_step_in_prefill: bool = False  # the first block's first denoising step ran in the prompt's last pass
+                                         # (FastPath.fuses_prefill), so prefill_seconds includes it
 
     @property
     def tokens_per_forward(self):
@@ -1954,7 +1958,8 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
     LongTensor [B, T]. One generator feeds every random draw (initial canvas, samples, re-noise),
     so a seeded generator reproduces the output exactly; draws follow transformers' order.
     on_step(block, step, canvas, argmax) is called after every denoising step.
-    fast: a FastPath to run the passes on (static cache, CUDA graphs); None runs the plain path."""
+    fast: a FastPath to run the passes on (static cache, CUDA graphs); None runs the plain path. The fast path
+    runs each block's first step in one pass with the encoder pass before it (FastPath.fuse_commit, fuses_prefill)."""
     gen = gen or GenerationConfig()
     cfg, device = model.cfg, model.embed_tokens.weight.device
     C = cfg.canvas_length
@@ -1963,6 +1968,7 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
     B = ids.shape[0]
     sync(device)
     t0 = time.perf_counter()
+    prefilled = None  # the first block's canvas and its first step's logits, where the prefill ran that step
     if fast is None:
         cache = model.new_cache(B)
         model.encode(ids, cache, valid)  # prefill
@@ -1970,7 +1976,11 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
         commit = lambda tokens: model.encode(tokens, cache)  # noqa: E731
     else:
         fast.start(B, ids.shape[1] + n_blocks * C)
-        fast.prefill(ids, valid)
+        if fast.fuses_prefill(ids.shape[1]):  # the canvas is the first random draw, as in denoise_block
+            canvas = uniform_tokens((B, C), cfg.vocab_size, generator, device)
+            prefilled = canvas, fast.prefill(ids, valid, canvas)
+        else:
+            fast.prefill(ids, valid)
         denoise, commit = fast.denoise, fast.commit
     sync(device)
     prefill = time.perf_counter() - t0
@@ -1979,12 +1989,16 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
     forwards = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # rows that emitted a stop token
     for block in range(n_blocks):
-        first = None  # the block's first denoising step, where not denoise
-        if block > 0 and fast is not None and fast.fuse_commit:  # the commit rides along with that step
+        canvas, first = None, None  # the block's first canvas (where drawn already) and first step (where not denoise)
+        if block == 0 and prefilled is not None:  # that step ran in the prompt's last chunk
+            canvas, logits = prefilled
+            first = lambda _: logits  # noqa: E731
+        elif block > 0 and fast is not None and fast.fuse_commit:  # the commit rides along with that step
             first = partial(fast.commit_and_denoise, out[-1])
         elif block > 0:
             commit(out[-1])  # the encoder over the previous block, at its own positions, into the cache
-        argmax, n = denoise_block(model, denoise, gen, generator, finished, forwards, on_step, block, fast, first)
+        argmax, n = denoise_block(model, denoise, gen, generator, finished, forwards, on_step, block, fast, first,
+                                  canvas)
         steps.append(n)
         tokens, stopped = truncate_after_stop(argmax, stop_ids, gen.pad_token_id)
         tokens = tokens.masked_fill(finished[:, None], gen.pad_token_id)  # rows that finished in an earlier block
@@ -1996,12 +2010,16 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
     tokens = torch.cat(out, dim=1)
     return GenerationResult(tokens=tokens, steps=steps, forwards=forwards.tolist(),
                             new_tokens=tokens_until_stop(torch.isin(tokens, stop_ids)),
-                            seconds=time.perf_counter() - t0, prefill_seconds=prefill)
+                            seconds=time.perf_counter() - t0, prefill_seconds=prefill,
+                            first_step_in_prefill=prefilled is not None)
 
 
-def denoise_block(model, denoise, gen, generator, finished, forwards, on_step=None, block=0, fast=None, first=None):
+def denoise_block(model, denoise, gen, generator, finished, forwards, on_step=None, block=0, fast=None, first=None,
+                  canvas=None):
     """Denoises one canvas; denoise(canvas, sc_logits) -> logits is the model's pass against the cache, and
-    first(canvas) -> logits, where given, the first step's (FastPath.commit_and_denoise: no self-conditioning yet).
+    first(canvas) -> logits, where given, the first step's (FastPath.commit_and_denoise, or the logits that
+    FastPath.prefill computed: no self-conditioning yet). canvas [B, C]: the starting canvas, where the caller drew
+    it (that prefill's), else drawn here.
     Rows that stop are frozen and never change the others; rows that finished in an earlier block are still
     denoised (generate pads their output) but not counted in `forwards`. Returns (argmax, steps run)."""
     cfg, device, dtype = model.cfg, finished.device, model.embed_tokens.weight.dtype
@@ -2011,7 +2029,8 @@ def denoise_block(model, denoise, gen, generator, finished, forwards, on_step=No
     # entropies are >= 0, so with a confidence threshold of 0 no row ever stops: then the checks below,
     # each a copy to the host that stalls the GPU, are skipped
     stopping = gen.confidence_threshold > 0
-    canvas = uniform_tokens((B, C), V, generator, device)
+    if canvas is None:
+        canvas = uniform_tokens((B, C), V, generator, device)
     argmax, sc = canvas, None
     history = torch.full((gen.stability_threshold, B, C), -1, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -2126,7 +2145,8 @@ class FastPath:
         longer to launch one by one than to run). The prompt's prefill runs in chunks of at most prefill_chunk
         tokens (prefill_chunks), not recorded;
       * fuse_commit: a finished block's commit in the same pass as the next block's first denoising step
-        (commit_and_denoise), so that the weights stream once for both;
+        (commit_and_denoise), so that the weights stream once for both; fuse_prefill: likewise the prompt's last
+        prefill chunk with the first block's first step (fuses_prefill);
       * the 262k-vocabulary head and self-conditioning product vocab_chunk rows at a time, the sampler
         sampler_rows positions at a time: fp32 temporaries stay a few [chunk or rows, V].
     The modules and the math are the plain path's; tests check that both give the same tokens. Build it
@@ -2139,7 +2159,7 @@ class FastPath:
 
     def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=4096, vocab_chunk=32768,
                  sampler_rows=None, sampler_kernel=False, compile_layers=False, autotune=False, timing=False,
-                 fuse_commit=True):
+                 fuse_commit=True, fuse_prefill=True):
         cfg, w = model.cfg, model.embed_tokens.weight
         if prefill_chunk < 1:
             raise DiffusionGemmaError(f"prefill_chunk must be a positive number of tokens, not {prefill_chunk}")
@@ -2161,7 +2181,10 @@ class FastPath:
             layer.experts.few_rows_kernel = kernel and (capability >= (8, 9) or not fp8)
             layer.self_attn.decode_kernel = kernel
         # a prefill chunk's sliding layers by compiled flex attention: only the blocks of keys their window shows
-        model.flex_rows = tuple(n for n in (prefill_chunk, prefill_chunk // 2) if kernel and n % FLEX_BLOCK == 0)
+        # (the prompt's last chunk with the first block's canvas too: fuse_prefill)
+        n, C = prefill_chunk, cfg.canvas_length
+        lengths = (n, n // 2) + ((n + C, n // 2 + C) if fuse_prefill else ())
+        model.flex_rows = tuple(t for t in lengths if kernel and t > C and t % FLEX_BLOCK == 0)
         if model.flex_rows:
             flex = partial(torch.compile(flex_attention, dynamic=False), kernel_options=FLEX_TILES)
             for layer in model.layers:
@@ -2169,7 +2192,7 @@ class FastPath:
         self.cache = StaticKVCache(cfg, batch_size, -(-capacity // 64) * 64, self.device, self.dtype)
         self.graphs, self.recorded = graphs and cuda, {}
         self.prefill_chunk, self.vocab_chunk, self.sampler_rows = prefill_chunk, vocab_chunk, sampler_rows
-        self.fuse_commit = fuse_commit
+        self.fuse_commit, self.fuse_prefill = fuse_commit, fuse_prefill
         self.sampler = sampler_kernels if sampler_kernel and cuda and triton is not None else sampler_math
         self.compiled_layers = compile_layers
         if compile_layers:
@@ -2200,18 +2223,37 @@ class FastPath:
                                       f"build it with a larger capacity")
         self.cache.reset()
 
-    def prefill(self, ids, valid):
+    def prefill(self, ids, valid, canvas=None):
         """The encoder over the prompt ids [B, T], in the chunks of prefill_chunks(T, prefill_chunk). With
         compiled layers, chunks of prefill_chunk or prefill_chunk // 2 tokens run compiled (each length compiles
-        once) and the remainder eagerly, so that no prompt length adds a compile. Returns the last chunk's final
-        hidden states."""
-        n = self.prefill_chunk
-        with self._timed("prefill"):
-            for a, b in prefill_chunks(ids.shape[1], n):
-                force_eager = self.compiled_layers and b - a not in (n, n // 2)  # the remainder
-                with torch.compiler.set_stance("force_eager") if force_eager else contextlib.nullcontext():
-                    h = self.model.encode(ids[:, a:b], self.cache, valid[:, a:b])
-        return h
+        once, with the canvas's rows too) and the remainder eagerly, so that no prompt length adds a compile.
+        canvas [B, C] (generate passes one where fuses_prefill(T)): the last chunk runs in one pass with the
+        canvas's first denoising step (model.encode_and_denoise), and prefill returns that step's logits [B, C, V];
+        else the last chunk's final hidden states."""
+        chunks = prefill_chunks(ids.shape[1], self.prefill_chunk)
+        with self._timed("prefill" if canvas is None else "prefill+denoise"):
+            for i, (a, b) in enumerate(chunks):
+                eager = self.compiled_layers and not self.whole_chunk(b - a)  # the remainder
+                with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
+                    if canvas is not None and i == len(chunks) - 1:
+                        out = self.model.encode_and_denoise(ids[:, a:b], canvas, self.cache, valid[:, a:b],
+                                                            self.vocab_chunk)
+                        self.cache.advance(valid[:, a:b])
+                    else:
+                        out = self.model.encode(ids[:, a:b], self.cache, valid[:, a:b])
+        return out
+
+    def whole_chunk(self, T):
+        """Whether a prefill chunk of T tokens is one of the two lengths that recur (prefill_chunks)."""
+        return T in (self.prefill_chunk, self.prefill_chunk // 2)
+
+    def fuses_prefill(self, T):
+        """Whether generate runs the first block's first step in a T-token prompt's last prefill chunk: with
+        fuse_prefill, where that chunk is a whole one, not a remainder. On an H200 the 26B model's 4k prompt and
+        first step took 0.89x the time of the two passes apart (README.md). A remainder (a prompt shorter than half a
+        chunk) runs eagerly under compiled layers, and keeps its first step in the recorded denoising pass."""
+        a, b = prefill_chunks(T, self.prefill_chunk)[-1]
+        return self.fuse_prefill and self.whole_chunk(b - a)
 
     def denoise(self, canvas, sc_logits):
         """model.denoise(canvas, cache, sc_logits) as a recorded pass. Its output is overwritten by the next call."""
@@ -2229,11 +2271,11 @@ class FastPath:
         self.cache.advance(self.real)
 
     def commit_and_denoise(self, tokens, canvas):
-        """commit(tokens), then denoise(canvas, None), as one recorded pass (model.commit_and_denoise): the
+        """commit(tokens), then denoise(canvas, None), as one recorded pass (model.encode_and_denoise): the
         weights stream once for both. Returns the canvas's logits, overwritten by the next call."""
         self.block.copy_(tokens)
         self.canvas.copy_(canvas)
-        logits = self._run("commit+denoise", lambda: self.model.commit_and_denoise(
+        logits = self._run("commit+denoise", lambda: self.model.encode_and_denoise(
             self.block, self.canvas, self.cache, self.real, self.vocab_chunk))
         self.cache.advance(self.real)
         return logits

@@ -987,10 +987,11 @@ def fast_path(model, batch_size, capacity=128):
 @pytest.mark.parametrize("mode", ["band", "anchored"])
 def test_fast_path_logits_match_plain(tiny_ckpt, mode):
     """The static cache (sliding layers in a ring), chunked prefill, chunked head and self-conditioning
-    give the plain path's logits: after the prefill of a left-padded batch longer than the window, with
-    and without self-conditioning, and after a commit, run alone or in one pass with the next block's first
-    step (commit_and_denoise), whose cache then serves the next step too. (The plain path runs first, so before
-    FastPath fuses the projections: this also compares fused and separate GEMMs.)"""
+    give the plain path's logits: after the prefill of a left-padded batch longer than the window (its last chunk
+    alone, or in one pass with the first step), with and without self-conditioning, and after a commit, run alone or
+    in one pass with the next block's first step (commit_and_denoise), whose cache then serves the next step too.
+    (The plain path runs first, so before FastPath fuses the projections: this also compares fused and separate
+    GEMMs.)"""
     model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window_mode=mode, device="cpu")
     g = torch.Generator().manual_seed(5)
     ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]], 0, "cpu")
@@ -1006,10 +1007,12 @@ def test_fast_path_logits_match_plain(tiny_ckpt, mode):
         fast = fast_path(model, 2)
         for fused in (False, True):
             fast.start(2, ids.shape[1] + 32)
-            fast.prefill(ids, valid)
-            if fused:
+            if fused:  # the prompt's last chunk with the first step, the commit with the next block's
+                assert rel_err(fast.prefill(ids, valid, canvas), l1) < 1e-5
+                assert rel_err(fast.denoise(canvas, l1 / 0.7), l2) < 1e-5
                 assert rel_err(fast.commit_and_denoise(block, canvas), l4) < 1e-5
             else:
+                fast.prefill(ids, valid)
                 assert rel_err(fast.denoise(canvas, None), l1) < 1e-5
                 assert rel_err(fast.denoise(canvas, l1 / 0.7), l2) < 1e-5
                 fast.commit(block)
@@ -1019,30 +1022,33 @@ def test_fast_path_logits_match_plain(tiny_ckpt, mode):
 
 @pytest.mark.parametrize("mode", ["band", "anchored"])
 @pytest.mark.parametrize("static", [False, True])
-def test_commit_and_denoise_matches_commit_then_denoise(mode, static):
-    """One pass over a finished block and the next canvas (commit_and_denoise) gives the canvas the logits of
-    a commit followed by a denoising step, and leaves the cache as the commit does (the next step's logits are
-    the same to the bit), on both caches: after a prompt inside and beyond the sliding window of 8, with a
-    canvas of 16, so that the block's first tokens drop out of the window the canvas sees."""
+def test_encode_and_denoise_matches_encode_then_denoise(mode, static):
+    """One pass over new tokens for the cache and the next canvas (encode_and_denoise) gives the canvas the logits
+    of an encoder pass followed by a denoising step, and leaves the cache as that encoder pass does (the next step's
+    logits match too; the keys may differ in the last bit, from GEMMs over more rows), on both caches. The new
+    tokens: a finished block (the commit) after a prompt inside and beyond the sliding window of 8, with a canvas of
+    16, so that the block's first tokens drop out of the window the canvas sees; and a prompt's chunk (the prefill),
+    the first or after an earlier one, shorter and longer than a canvas (on the static cache a pass that stores more
+    than a canvas reads only the written slots)."""
     cfg = tiny_config(sliding_window_mode=mode)
     model = randomise_(DiffusionGemma(cfg)).eval()
     g = torch.Generator().manual_seed(1)
-    for prompt_len in (5, 20):
-        ids, block, canvas, later = (torch.randint(0, 512, (2, n), generator=g) for n in (prompt_len, 16, 16, 16))
-        real = torch.ones(2, 16, dtype=torch.bool)
+    for before, n in ((5, 16), (20, 16), (0, 12), (0, 20), (5, 20)):  # tokens in the cache, new tokens
+        ids, new, canvas, later = (torch.randint(0, 512, (2, t), generator=g) for t in (before, n, 16, 16))
 
-        def prefilled():
+        def cache_with_ids():
             cache = dg.StaticKVCache(cfg, 2, 64, "cpu", torch.float32) if static else model.new_cache(2)
-            model.encode(ids, cache)
+            if before:
+                model.encode(ids, cache)
             return cache
         with torch.no_grad():
-            apart, joint = prefilled(), prefilled()
-            model.encode(block, apart)
+            apart, joint = cache_with_ids(), cache_with_ids()
+            model.encode(new, apart)
             want = model.denoise(canvas, apart)
-            got = model.commit_and_denoise(block, canvas, joint)
-            joint.advance(real)
-            assert rel_err(got, want) < 1e-5, prompt_len
-            assert torch.equal(model.denoise(later, joint), model.denoise(later, apart)), prompt_len
+            got = model.encode_and_denoise(new, canvas, joint)
+            joint.advance(torch.ones(2, n, dtype=torch.bool))
+            assert rel_err(got, want) < 1e-5, (before, n)
+            assert rel_err(model.denoise(later, joint), model.denoise(later, apart)) < 1e-5, (before, n)
 
 
 def test_block_mask_with_flex_attention_matches_the_dense_mask():
@@ -1066,33 +1072,42 @@ def test_block_mask_with_flex_attention_matches_the_dense_mask():
     assert rel_err(dg.attend(q, k, v, blocks), want) < 1e-5
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton"))])
-def test_fast_path_prefill_with_flex_attention_matches_plain(tiny_ckpt, device):
-    """With model.flex_rows set to its prefill chunks' two lengths (FastPath sets them on a GPU, where flex attention
+def test_fast_path_prefill_with_flex_attention_matches_plain(tiny_ckpt, device, fused):
+    """With model.flex_rows set to its prefill chunks' lengths (FastPath sets them on a GPU, where flex attention
     runs compiled; on the CPU the test sets them, and flex runs eagerly), a prefill's full and half chunks give
-    their sliding layers BlockMasks, and the logits after it match the plain path's: a prompt of a remainder, a
-    chunk of 128 and one of 256, a window of 60 (a ring of 128 slots, so that the chunk's keys come in whole
-    blocks)."""
-    model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window=60, device=device)
+    their sliding layers BlockMasks, and the first step's logits match the plain path's: a prompt of a remainder, a
+    chunk of 128 and one of 256; a canvas of 16 and a window of 60 (a ring of 128 slots, so that the chunk's keys
+    come in whole blocks). fused: a canvas of 128 and a window of 100 (a ring of 256), and the last chunk in one
+    pass with the first step (FastPath.prefill with the canvas): 384 rows, the canvas's masks inside the
+    BlockMask."""
+    C, W = (128, 100) if fused else (16, 60)
+    model = DiffusionGemma.from_pretrained(tiny_ckpt, sliding_window=W, canvas_length=C, device=device)
     g = torch.Generator().manual_seed(7)
     ids, valid = dg.left_pad([[2] + torch.randint(3, 500, (393,), generator=g).tolist(), [2, 7, 8]], 0, device)
-    canvas = torch.randint(0, 512, (2, 16), generator=g).to(device)
+    canvas = torch.randint(0, 512, (2, C), generator=g).to(device)
     with torch.no_grad():
         cache = model.new_cache(2)
         model.encode(ids, cache, valid)
         want = model.denoise(canvas, cache).cpu()
-        fast = dg.FastPath(model, batch_size=2, capacity=512, prefill_chunk=256)
-        assert model.flex_rows == ((256, 128) if device == "cuda" else ())
-        model.flex_rows = (256, 128)
+        fast = dg.FastPath(model, batch_size=2, capacity=1024, prefill_chunk=256)
+        lengths = (256, 384, 256) if fused else (256, 128)  # the chunks longer than a canvas, in whole blocks
+        assert model.flex_rows == (lengths if device == "cuda" else ())
+        model.flex_rows = lengths
         assert [b - a for a, b in dg.prefill_chunks(ids.shape[1], 256)] == [10, 128, 256]
-        fast.start(2, ids.shape[1] + 16)
-        for T in (128, 256):
-            rope, masks = model.pass_inputs(torch.arange(T, device=device), fast.cache, valid[:, :T], T,
-                                            model.inv_freq(device), 2, torch.float32)
+        fast.start(2, ids.shape[1] + C)
+        for T, enc_rows in ((256, 256), (384, 256)) if fused else ((128, 128), (256, 256)):
+            rope, masks = model.pass_inputs(torch.arange(T, device=device), fast.cache, torch.ones(2, T, dtype=bool,
+                                            device=device), enc_rows, model.inv_freq(device), 2, torch.float32)
             assert isinstance(masks[dg.SLIDING], dg.BlockMask) and not isinstance(masks[dg.FULL], dg.BlockMask)
-        fast.prefill(ids, valid)
-        assert rel_err(fast.denoise(canvas, None).cpu(), want) < 1e-5
+        if fused:
+            got = fast.prefill(ids, valid, canvas)
+        else:
+            fast.prefill(ids, valid)
+            got = fast.denoise(canvas, None)
+        assert rel_err(got.cpu(), want) < 1e-5
 
 
 def test_prefill_chunks():
@@ -1143,10 +1158,11 @@ def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False, 
     """fp32 logits of the fast path's passes on one small batch, once per seed of the canvas, block and
     self-conditioning inputs: a denoising step without and with self-conditioning, then (after a commit) an
     AR token; then, from the prompt again, the commit in one pass with a denoising step (commit_and_denoise),
-    and an AR token after it. Returns the five passes' logits, each stacked over the seeds. The 22-token prompt
-    is prefilled as a 2-token remainder (eager), then one chunk of 20, longer than a canvas of 16 (compiled with
-    compiled layers). The self-conditioned step reads the same given logits in every variant, not the variant's own
-    first step, so that its error is the pass's own. batch=1 keeps the first prompt only: its AR token is
+    and an AR token after it; then the prompt's last chunk in one pass with the first step (FastPath.prefill with a
+    canvas). Returns the six passes' logits, each stacked over the seeds. The 22-token prompt is prefilled as a
+    2-token remainder (eager), then one chunk of 20, longer than a canvas of 16 (compiled with compiled layers). The
+    self-conditioned step reads the same given logits in every variant, not the variant's own first step, so that
+    its error is the pass's own. batch=1 keeps the first prompt only: its AR token is
     one row, whose experts compiled layers gather (Experts.forward_gathered), as in the 26B benchmark."""
     ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]][:batch], 0, device)
     model = DiffusionGemma.from_pretrained(ckpt, dtype=dtype, device=device)
@@ -1168,7 +1184,9 @@ def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False, 
             fast.prefill(ids, valid)
             fused = fast.commit_and_denoise(block.to(device), canvas.to(device)).float().cpu()
             fused_ar = fast.ar_step(block[:, -1].to(device)).float().cpu()
-        runs.append((first, second, ar, fused, fused_ar))
+            fast.start(batch, ids.shape[1] + 33)
+            prefilled = fast.prefill(ids, valid, canvas.to(device)).float().cpu()
+        runs.append((first, second, ar, fused, fused_ar, prefilled))
     return [torch.stack(outs) for outs in zip(*runs)]
 
 
@@ -1232,18 +1250,20 @@ def test_fast_path_with_dependent_launch_matches_eager_on_gpu(gentle_ckpt):
 ])
 def test_fast_path_generates_the_plain_tokens(gentle_ckpt, settings):
     """generate and generate_ar give the same tokens on the fast path as on the plain one: a left-padded
-    batch, a prompt beyond the sliding window, three blocks (two commits, fused or not), adaptive stopping on
-    and off."""
+    batch, a prompt beyond the sliding window, three blocks (the first block's first step in the prompt's last
+    chunk and two commits in the next block's first step, or all apart), adaptive stopping on and off."""
     model = DiffusionGemma.from_pretrained(gentle_ckpt, device="cpu")
     prompts = [[2] + list(range(20, 39)), [2, 7, 8, 9]]
     gen = GenerationConfig(**settings)
     fast = fast_path(model, 2)
-    for seed, fused in ((3, True), (4, False)):  # commits in the next block's first step, or apart
-        fast.fuse_commit = fused
+    assert fast.fuses_prefill(20) and not fast.fuses_prefill(2)  # chunks of 7: [3, 3, 7, 7]; a remainder of 2
+    for seed, fused in ((3, True), (4, False)):  # the first steps in the passes before them, or apart
+        fast.fuse_commit = fast.fuse_prefill = fused
         plain = generate(model.set_experts_impl("loop"), prompts, gen, generator=torch.Generator().manual_seed(seed))
         quick = generate(model, prompts, gen, generator=torch.Generator().manual_seed(seed), fast=fast)
         assert torch.equal(plain.tokens, quick.tokens), seed
         assert plain.steps == quick.steps and plain.forwards == quick.forwards
+        assert quick.first_step_in_prefill == fused and not plain.first_step_in_prefill
     plain = generate_ar(model.set_experts_impl("loop"), prompts, max_new_tokens=20, eos_token_id=[9999])
     quick = generate_ar(model, prompts, max_new_tokens=20, eos_token_id=[9999], fast=fast)
     assert torch.equal(plain.tokens, quick.tokens)
