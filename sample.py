@@ -68,13 +68,17 @@ def parse_args(argv=None):
     p.add_argument("--fuse-commit", action=argparse.BooleanOptionalAction, default=True,
                    help="fast path: commit each finished block in the same pass as the next block's first denoising "
                         "step, so that the weights stream once for both (default: on)")
+    p.add_argument("--fuse-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="fast path: run the prompt's last prefill chunk in the same pass as the first block's first "
+                        "denoising step, where that chunk is a whole one (a prompt of at least 2,048 tokens; "
+                        "default: on)")
     p.add_argument("--fp8", action="store_true",
                    help="store the routed experts in float8 e4m3 with one scale per output row: half the bytes a "
                         "pass streams, faster on an H100; an approximation of the bf16 model, not exact (inference)")
     p.add_argument("--benchmark", action="store_true",
-                   help="time --repeat runs after a warm-up: median ms per pass (prefill, denoise, the commit with "
-                        "the next block's first step or, with --no-fuse-commit, alone, or one AR token), tok/s, peak "
-                        "memory, and the weights streamed per pass against the card's copy bandwidth")
+                   help="time --repeat runs after a warm-up: median ms per pass (the prefill, with the first step "
+                        "or alone; denoise; the commit with the next block's first step or alone; or one AR token), "
+                        "tok/s, peak memory, and the weights streamed per pass against the card's copy bandwidth")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of --benchmark")
     return p.parse_args(argv)
 
@@ -141,8 +145,8 @@ def benchmark(args, model, run, fast, device, T):
     peak, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
     bw = copy_bandwidth(device)
     C = cfg.canvas_length
-    passes = {"prefill": (B * T, False), "denoise": (B * C, True), "commit": (B * C, False),
-              "commit+denoise": (2 * B * C, True), "ar": (B, True)}
+    passes = {"prefill": (B * T, False), "prefill+denoise": (B * (T + C), True), "denoise": (B * C, True),
+              "commit": (B * C, False), "commit+denoise": (2 * B * C, True), "ar": (B, True)}
     print(f"benchmark: {torch.cuda.get_device_name()} | copy bandwidth {bw / 1e12:.2f} TB/s | "
           f"weights {weight_bytes_per_pass(model, 10**9) / 1e9:.1f} GB | batch {B} | prompt {T} | "
           f"fast path {'with' if fast.graphs else 'without'} CUDA graphs, "
@@ -160,16 +164,19 @@ def benchmark(args, model, run, fast, device, T):
     tps = median([r.tokens_per_second for r in results])
     decode = median([sum(r.new_tokens) / (r.seconds - r.prefill_seconds) for r in results])
     line = [f"{sum(res.new_tokens)} new tokens", f"{tps:.1f} tok/s end to end (median of {args.repeat})",
-            f"{decode:.1f} tok/s after the prefill"]
+            f"{decode:.1f} tok/s after the prefill{' (and the first step in it)' if res.first_step_in_prefill else ''}"]
     if args.mode == "diffusion":
-        # every block boundary runs a commit, or (fused) a commit+denoise in place of the next block's first step
-        n_steps, joins, fused = sum(res.steps), len(res.steps) - 1, "commit+denoise" in times
-        denoise_ms = median(times["denoise"])
-        passes_ms = denoise_ms * (n_steps - joins * fused) + sum(
-            median(times[name]) * joins for name in ("commit", "commit+denoise") if name in times)
-        wall_ms = (res.seconds - res.prefill_seconds) * 1e3
-        line += [f"steps/block {res.steps}",
-                 f"sampler and the rest {(wall_ms - passes_ms) / n_steps:.2f} ms/step"]
+        # every block boundary runs a commit, or (fused) a commit+denoise in place of the next block's first step;
+        # a first step inside the prefill (prefill+denoise) counts in the prefill's time, not after it
+        fused, denoise_ms = "commit+denoise" in times, median(times["denoise"])
+        join_ms = sum(median(times[name]) for name in ("commit", "commit+denoise") if name in times)
+
+        def rest_ms(r):  # per step: a run's time after the prefill less its passes (at their median times)
+            n_steps, joins = sum(r.steps), len(r.steps) - 1
+            passes_ms = denoise_ms * (n_steps - joins * fused - r.first_step_in_prefill) + join_ms * joins
+            return ((r.seconds - r.prefill_seconds) * 1e3 - passes_ms) / n_steps
+        rest = median([rest_ms(r) for r in results])
+        line += [f"steps/block {res.steps}", f"sampler and the rest {rest:.2f} ms/step"]
         if fused:
             line.append(f"commit inside commit+denoise {median(times['commit+denoise']) - denoise_ms:.2f} ms")
     print(" | ".join(line))
@@ -274,7 +281,7 @@ def main(argv=None):
         new = gen.max_new_tokens if args.mode == "ar" else blocks * cfg.canvas_length
         fast = dg.FastPath(model, batch_size=args.batch, capacity=len(ids) + new, timing=args.benchmark,
                            sampler_kernel=args.sampler_kernel is not False, compile_layers=args.compile_layers,
-                           autotune=args.autotune, fuse_commit=args.fuse_commit)
+                           autotune=args.autotune, fuse_commit=args.fuse_commit, fuse_prefill=args.fuse_prefill)
 
     def run():
         if args.mode == "ar":
@@ -308,16 +315,18 @@ def main(argv=None):
     if args.mode == "diffusion":
         stats += [f"steps/block {res.steps}", f"tokens/forward {res.tokens_per_forward:.2f}"]
     decode_s = res.seconds - res.prefill_seconds
-    stats += [f"{res.tokens_per_second:.1f} tok/s", f"prefill {res.prefill_seconds * 1e3:.0f} ms"]
+    prefill = "prefill and first step" if res.first_step_in_prefill else "prefill"
+    stats += [f"{res.tokens_per_second:.1f} tok/s", f"{prefill} {res.prefill_seconds * 1e3:.0f} ms"]
     if device.startswith("cuda"):
         B, C = args.batch, cfg.canvas_length
         if args.mode == "diffusion":
             joins = len(res.steps) - 1  # block boundaries: a commit each, alone or with the next block's first step
+            steps = sum(res.steps) - res.first_step_in_prefill  # after the prefill (decode_s)
             if fast is not None and fast.fuse_commit:
-                moved = (weight_bytes_per_pass(model, B * C) * (sum(res.steps) - joins)
+                moved = (weight_bytes_per_pass(model, B * C) * (steps - joins)
                          + weight_bytes_per_pass(model, 2 * B * C) * joins)
             else:
-                moved = (weight_bytes_per_pass(model, B * C) * sum(res.steps)
+                moved = (weight_bytes_per_pass(model, B * C) * steps
                          + weight_bytes_per_pass(model, B * C, head=False) * joins)
         else:
             moved = weight_bytes_per_pass(model, B) * res.forwards[0]
