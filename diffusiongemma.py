@@ -2181,7 +2181,8 @@ class FastPath:
             layer.experts.few_rows_kernel = kernel and (capability >= (8, 9) or not fp8)
             layer.self_attn.decode_kernel = kernel
         # a prefill chunk's sliding layers by compiled flex attention: only the blocks of keys their window shows
-        # (the prompt's last chunk with the first block's canvas too: fuse_prefill)
+        # (the prompt's last chunk with the first block's canvas too: fuse_prefill); only lengths longer than a
+        # canvas, so that a denoising step (a canvas long) keeps its explicit attention whatever prefill_chunk is
         n, C = prefill_chunk, cfg.canvas_length
         lengths = (n, n // 2) + ((n + C, n // 2 + C) if fuse_prefill else ())
         model.flex_rows = tuple(t for t in lengths if kernel and t > C and t % FLEX_BLOCK == 0)
