@@ -391,7 +391,6 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=Fal
         return flex(q.view(B, R // T * kv, T, D), k, v, block_mask=bias, scale=1.0, enable_gqa=True).view(q.shape)
     T, S = bias.shape[2], k.shape[2]
     G = R // T
-    heads_per_product = max_scores // (B * kv * T * S)  # query heads whose scores fit under max_scores
     # the fused kernels: for training; for many query rows (a prefill chunk) where a flash kernel takes the
     # heads (head_dim <= 256; the 512-wide full layers get only the memory-efficient kernel, which took as long
     # as the matmuls over 4k keys and was slower over more, README.md)
@@ -403,6 +402,7 @@ def attend(q, k, v, bias, softmax=masked_softmax, max_scores=2 ** 28, kernel=Fal
         softmax = masked_softmax_rows if kernel else masked_softmax
     elif kernel and T == 1 and R <= DECODE_ROWS and q.dtype != torch.float32:
         return attend_decode(q, k, v, bias)
+    heads_per_product = max_scores // (B * kv * T * S)  # query heads whose scores fit under max_scores
     k, v = k.flatten(0, 1), v.flatten(0, 1)
     if heads_per_product:  # [B, kv, g*T, D]: g whole query heads, and the whole bias
         parts = [(qs, bias) for qs in q.split(heads_per_product * T, dim=2)]
@@ -1975,7 +1975,7 @@ def generate(model: DiffusionGemma, prompts, gen: GenerationConfig = None, gener
         denoise = lambda canvas, sc: model.denoise(canvas, cache, sc)  # noqa: E731
         commit = lambda tokens: model.encode(tokens, cache)  # noqa: E731
     else:
-        fast.start(B, ids.shape[1] + n_blocks * C)
+        fast.start(B, fast.prompt_length(ids.shape[1]) + n_blocks * C)
         if fast.fuses_prefill(ids.shape[1]):  # the canvas is the first random draw, as in denoise_block
             canvas = uniform_tokens((B, C), cfg.vocab_size, generator, device)
             prefilled = canvas, fast.prefill(ids, valid, canvas)
@@ -2078,7 +2078,7 @@ def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id
         next_logits = lambda nxt: model.head(model.encode(nxt[:, None], cache)[:, -1])  # noqa: E731
         check_every = 1
     else:
-        fast.start(B, ids.shape[1] + max_new_tokens)
+        fast.start(B, fast.prompt_length(ids.shape[1]) + max_new_tokens)
         logits = model.head(fast.prefill(ids, valid)[:, -1])
         next_logits = fast.ar_step
         check_every = 16  # "has every row stopped?" copies to the host and stalls the GPU: ask now and then
@@ -2113,8 +2113,8 @@ def generate_ar(model: DiffusionGemma, prompts, max_new_tokens=256, eos_token_id
 def prefill_chunks(T, n):
     """A prompt of T tokens as FastPath.prefill's chunks [(start, end)]: as many chunks of n tokens as fit, one
     of n // 2 if what is left has that many, and what is then left (the remainder) first. Only two chunk lengths
-    recur, so compiled layers compile only those two, and any prompt of at least n // 2 tokens runs at least half
-    of them compiled. Longer chunks launch fewer kernels and give each expert more rows: on an H200 a 4k prefill
+    recur, so compiled layers compile only those two (FastPath.prompt_length pads a prompt so that it has no
+    remainder). Longer chunks launch fewer kernels and give each expert more rows: on an H200 a 4k prefill
     in one chunk of 4,096 took 0.77x the time of two chunks of 2,048, whose launches the host could not keep ahead
     of (README.md). Beyond 2^27 / n keys at batch 1 (32k at n = 4,096) one query head's scores in a full-width
     layer pass attend's max_scores, and it multiplies each head's rows in parts."""
@@ -2143,7 +2143,8 @@ class FastPath:
         autoregressive token) has fixed shapes and addresses: on CUDA each is recorded once as a CUDA
         graph and replayed, with no Python and no launch overhead (a pass is ~2,000 kernels, which take
         longer to launch one by one than to run). The prompt's prefill runs in chunks of at most prefill_chunk
-        tokens (prefill_chunks), not recorded;
+        tokens (prefill_chunks), not recorded; with compiled layers (pad_prompt) the prompt is first padded on the
+        left to whole chunks (prompt_length), so that each chunk runs compiled;
       * fuse_commit: a finished block's commit in the same pass as the next block's first denoising step
         (commit_and_denoise), so that the weights stream once for both; fuse_prefill: likewise the prompt's last
         prefill chunk with the first block's first step (fuses_prefill);
@@ -2154,12 +2155,14 @@ class FastPath:
     sampler_kernel (CUDA with Triton): the sampler as sampler_kernels, two passes over the logits (the same
     random draws; roundings may differ in the last bit). compile_layers (bf16 weights):
     model.compile_layers(autotune), so that the recorded passes replay fused kernels, and the prefill's chunks
-    run them too, all but the remainder (README.md has the figures at the 26B shape). timing: time every pass with
-    CUDA events."""
+    run them too (README.md has the figures at the 26B shape). pad_prompt (default: compile_layers): pad the
+    prompt to whole chunks (prompt_length); without it, compiled layers compile each remainder's length anew.
+    capacity: the tokens of a prompt and its generation; with pad_prompt the cache also holds up to
+    prefill_chunk // 2 - 1 tokens of padding. timing: time every pass with CUDA events."""
 
     def __init__(self, model, batch_size=1, capacity=8192, graphs=True, prefill_chunk=4096, vocab_chunk=32768,
                  sampler_rows=None, sampler_kernel=False, compile_layers=False, autotune=False, timing=False,
-                 fuse_commit=True, fuse_prefill=True):
+                 fuse_commit=True, fuse_prefill=True, pad_prompt=None):
         cfg, w = model.cfg, model.embed_tokens.weight
         if prefill_chunk < 1:
             raise DiffusionGemmaError(f"prefill_chunk must be a positive number of tokens, not {prefill_chunk}")
@@ -2190,7 +2193,9 @@ class FastPath:
             flex = partial(torch.compile(flex_attention, dynamic=False), kernel_options=FLEX_TILES)
             for layer in model.layers:
                 layer.self_attn.flex = flex
-        self.cache = StaticKVCache(cfg, batch_size, -(-capacity // 64) * 64, self.device, self.dtype)
+        self.pad_prompt = compile_layers if pad_prompt is None else pad_prompt
+        room = capacity + (prefill_chunk // 2 - 1 if self.pad_prompt else 0)  # and the padding (prompt_length)
+        self.cache = StaticKVCache(cfg, batch_size, -(-room // 64) * 64, self.device, self.dtype)
         self.graphs, self.recorded = graphs and cuda, {}
         self.prefill_chunk, self.vocab_chunk, self.sampler_rows = prefill_chunk, vocab_chunk, sampler_rows
         self.fuse_commit, self.fuse_prefill = fuse_commit, fuse_prefill
@@ -2224,38 +2229,45 @@ class FastPath:
                                       f"build it with a larger capacity")
         self.cache.reset()
 
+    def prompt_length(self, T):
+        """How many tokens a T-token prompt fills in the cache: with pad_prompt, T rounded up to a multiple of
+        prefill_chunk // 2, as prefill pads it (on the left, with invalid tokens, as batch_prompts pads a batch's
+        shorter prompts), so that its chunks are whole ones (prefill_chunks), which compile once each. A remainder
+        would run eagerly, host-bound: on an H200 a 100-token prompt's prefill and first step took 0.50x the time
+        padded, a 4,097-token prompt's 0.79x (README.md). The padding shifts the prompt's positions, which changes
+        the attention only by roundings (RoPE's scores depend on the distance between positions). Else T."""
+        half = self.prefill_chunk // 2
+        return -(-T // half) * half if self.pad_prompt and half > 0 else T
+
     def prefill(self, ids, valid, canvas=None):
-        """The encoder over the prompt ids [B, T], in the chunks of prefill_chunks(T, prefill_chunk). With
-        compiled layers, chunks of prefill_chunk or prefill_chunk // 2 tokens run compiled (each length compiles
-        once, with the canvas's rows too) and the remainder eagerly, so that no prompt length adds a compile.
-        canvas [B, C] (generate passes one where fuses_prefill(T)): the last chunk runs in one pass with the
-        canvas's first denoising step (model.encode_and_denoise), and prefill returns that step's logits [B, C, V];
-        else the last chunk's final hidden states."""
+        """The encoder over the prompt ids [B, T], padded to prompt_length(T) tokens, in the chunks of
+        prefill_chunks (with pad_prompt: chunks of prefill_chunk or prefill_chunk // 2 tokens; with compiled layers
+        each length compiles once, with the canvas's rows too). canvas [B, C] (generate passes one where
+        fuses_prefill(T)): the last chunk runs in one pass with the canvas's first denoising step
+        (model.encode_and_denoise), and prefill returns that step's logits [B, C, V]; else the last chunk's final
+        hidden states."""
+        pad = self.prompt_length(ids.shape[1]) - ids.shape[1]
+        if pad:
+            ids = torch.cat([ids.new_full((ids.shape[0], pad), self.model.cfg.pad_token_id), ids], 1)
+            valid = torch.cat([valid.new_zeros(valid.shape[0], pad), valid], 1)
         chunks = prefill_chunks(ids.shape[1], self.prefill_chunk)
         with self._timed("prefill" if canvas is None else "prefill+denoise"):
             for i, (a, b) in enumerate(chunks):
-                eager = self.compiled_layers and not self.whole_chunk(b - a)  # the remainder
-                with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
-                    if canvas is not None and i == len(chunks) - 1:
-                        out = self.model.encode_and_denoise(ids[:, a:b], canvas, self.cache, valid[:, a:b],
-                                                            self.vocab_chunk)
-                        self.cache.advance(valid[:, a:b])
-                    else:
-                        out = self.model.encode(ids[:, a:b], self.cache, valid[:, a:b])
+                if canvas is not None and i == len(chunks) - 1:
+                    out = self.model.encode_and_denoise(ids[:, a:b], canvas, self.cache, valid[:, a:b],
+                                                        self.vocab_chunk)
+                    self.cache.advance(valid[:, a:b])
+                else:
+                    out = self.model.encode(ids[:, a:b], self.cache, valid[:, a:b])
         return out
-
-    def whole_chunk(self, T):
-        """Whether a prefill chunk of T tokens is one of the two lengths that recur (prefill_chunks)."""
-        return T in (self.prefill_chunk, self.prefill_chunk // 2)
 
     def fuses_prefill(self, T):
         """Whether generate runs the first block's first step in a T-token prompt's last prefill chunk: with
-        fuse_prefill, where that chunk is a whole one, not a remainder. On an H200 the 26B model's 4k prompt and
-        first step took 0.89x the time of the two passes apart (README.md). A remainder (a prompt shorter than half a
-        chunk) runs eagerly under compiled layers, and keeps its first step in the recorded denoising pass: fused
-        into a 100-token prompt's eager pass, that step made the 26B benchmark 0.98x as fast (README.md)."""
-        a, b = prefill_chunks(T, self.prefill_chunk)[-1]
-        return self.fuse_prefill and self.whole_chunk(b - a)
+        fuse_prefill, where that chunk is a whole one (always with pad_prompt: prompt_length). On an H200 the 26B
+        model's 4k prompt and first step took 0.89x the time of the two passes apart (README.md). A remainder keeps
+        its first step apart."""
+        a, b = prefill_chunks(self.prompt_length(T), self.prefill_chunk)[-1]
+        return self.fuse_prefill and b - a in (self.prefill_chunk, self.prefill_chunk // 2)
 
     def denoise(self, canvas, sc_logits):
         """model.denoise(canvas, cache, sc_logits) as a recorded pass. Its output is overwritten by the next call."""

@@ -1159,14 +1159,16 @@ def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False, 
     self-conditioning inputs: a denoising step without and with self-conditioning, then (after a commit) an
     AR token; then, from the prompt again, the commit in one pass with a denoising step (commit_and_denoise),
     and an AR token after it; then the prompt's last chunk in one pass with the first step (FastPath.prefill with a
-    canvas). Returns the six passes' logits, each stacked over the seeds. The 22-token prompt is prefilled as a
-    2-token remainder (eager), then one chunk of 20, longer than a canvas of 16 (compiled with compiled layers). The
+    canvas). Returns the six passes' logits, each stacked over the seeds. The 22-token prompt is padded on the
+    left to 30 tokens (pad_prompt, as compiled layers do, in every variant, so that all compute the same sums):
+    a chunk of 10, then one of 20, longer than a canvas of 16. The
     self-conditioned step reads the same given logits in every variant, not the variant's own first step, so that
     its error is the pass's own. batch=1 keeps the first prompt only: its AR token is
     one row, whose experts compiled layers gather (Experts.forward_gathered), as in the 26B benchmark."""
     ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]][:batch], 0, device)
     model = DiffusionGemma.from_pretrained(ckpt, dtype=dtype, device=device)
-    fast = dg.FastPath(model, batch, capacity=64, prefill_chunk=20, compile_layers=compiled, autotune=autotune)
+    fast = dg.FastPath(model, batch, capacity=64, prefill_chunk=20, compile_layers=compiled, autotune=autotune,
+                       pad_prompt=True)
     runs = []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
@@ -1241,6 +1243,26 @@ def test_fast_path_with_dependent_launch_matches_eager_on_gpu(gentle_ckpt):
     for r, e, c in zip(ref, eager, compiled):
         assert token_err(e, r) < 0.1
         assert token_err(c, r) < 1.25 * token_err(e, r)
+
+
+def test_fast_path_pads_the_prompt_to_whole_chunks(gentle_ckpt):
+    """FastPath(pad_prompt=True), the default with compiled layers, pads a prompt on the left with invalid tokens
+    to whole chunks (prompt_length), so that no chunk is a remainder (which compiled layers would run eagerly):
+    the cache holds the padded length, the first step runs in the last chunk, and generate and generate_ar give
+    the plain path's tokens (the shifted positions change only roundings)."""
+    model = DiffusionGemma.from_pretrained(gentle_ckpt, device="cpu")
+    prompts = [[2] + list(range(20, 39)), [2, 7, 8, 9]]  # 20 tokens: 21 in chunks of 3, 6, 6, 6
+    fast = dg.FastPath(model, 2, capacity=20 + 48, prefill_chunk=6, vocab_chunk=100, pad_prompt=True)
+    assert [fast.prompt_length(T) for T in (1, 3, 20, 21)] == [3, 3, 21, 21] and fast.fuses_prefill(20)
+    assert dg.FastPath(model, 2, prefill_chunk=6).prompt_length(20) == 20  # eager layers: no padding
+    gen = GenerationConfig(max_new_tokens=48, max_denoising_steps=5, confidence_threshold=0)
+    plain = generate(model.set_experts_impl("loop"), prompts, gen, generator=torch.Generator().manual_seed(5))
+    quick = generate(model, prompts, gen, generator=torch.Generator().manual_seed(5), fast=fast)
+    assert fast.cache.host_length == 21 + 32 and quick.first_step_in_prefill  # 2 blocks committed, the 3rd not
+    assert torch.equal(plain.tokens, quick.tokens)
+    plain = generate_ar(model.set_experts_impl("loop"), prompts, max_new_tokens=20, eos_token_id=[9999])
+    quick = generate_ar(model, prompts, max_new_tokens=20, eos_token_id=[9999], fast=fast)
+    assert torch.equal(plain.tokens, quick.tokens)
 
 
 @pytest.mark.parametrize("settings", [
