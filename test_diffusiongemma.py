@@ -1159,13 +1159,13 @@ def fast_path_passes(ckpt, dtype, device="cpu", compiled=False, autotune=False, 
     self-conditioning inputs: a denoising step without and with self-conditioning, then (after a commit) an
     AR token; then, from the prompt again, the commit in one pass with a denoising step (commit_and_denoise),
     and an AR token after it; then the prompt's last chunk in one pass with the first step (FastPath.prefill with a
-    canvas). Returns the six passes' logits, each stacked over the seeds. The 22-token prompt is padded on the
-    left to 30 tokens (pad_prompt, as compiled layers do, in every variant, so that all compute the same sums):
-    a chunk of 10, then one of 20, longer than a canvas of 16. The
+    canvas). Returns the six passes' logits, each stacked over the seeds. The 18-token prompt is padded on the
+    left to one chunk of 20 tokens, longer than a canvas of 16 (pad_prompt, as compiled layers do, in every variant,
+    so that all compute the same sums). The
     self-conditioned step reads the same given logits in every variant, not the variant's own first step, so that
     its error is the pass's own. batch=1 keeps the first prompt only: its AR token is
     one row, whose experts compiled layers gather (Experts.forward_gathered), as in the 26B benchmark."""
-    ids, valid = dg.left_pad([[2] + list(range(20, 41)), [2, 7, 8, 9]][:batch], 0, device)
+    ids, valid = dg.left_pad([[2] + list(range(20, 37)), [2, 7, 8, 9]][:batch], 0, device)
     model = DiffusionGemma.from_pretrained(ckpt, dtype=dtype, device=device)
     fast = dg.FastPath(model, batch, capacity=64, prefill_chunk=20, compile_layers=compiled, autotune=autotune,
                        pad_prompt=True)
