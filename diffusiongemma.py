@@ -689,9 +689,7 @@ def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None
     out = grouped_mm_sorted(x if rows is None else x[rows], w, offsets, scale)
     if out_rows is None:
         return out
-    inverse = torch.empty_like(out_rows)
-    inverse[out_rows] = torch.arange(P, device=out_rows.device)  # output row i is grouped row inverse[i]
-    return out[inverse]
+    return out[invert_permutation(out_rows)]  # output row i is grouped row inverse[i]
 
 
 def grouped_mm_sorted(x, w, offsets, scale=None):
@@ -879,15 +877,30 @@ def sort_pairs(expert, E: int):
     Compiled, it is a few Triton kernels: 7.8 us at 256 tokens on an H100, where sorting the keys (aten's radix
     sort, then searchsorted and a scatter) took 23.2 us. Run eagerly (an uncompiled prefill chunk) it is the slower
     one at 2,048 tokens (236 against 149 us)."""
-    P = expert.shape[0]
     hot = expert[None, :] == torch.arange(E, device=expert.device)[:, None]   # [E, P]: pair j chose expert e
     counts = hot.sum(1)                                                       # [E]
     ends = counts.cumsum(0)                                                   # [E]
     earlier = (hot.cumsum(1) * hot).sum(0) - 1                                # [P]: earlier pairs of the same expert
     row = (ends - counts)[expert] + earlier                                   # [P]: each pair's sorted row
-    order = torch.empty_like(row)
-    order[row] = torch.arange(P, device=expert.device)
-    return order, ends.to(torch.int32)
+    return invert_permutation(row), ends.to(torch.int32)
+
+
+@torch.library.custom_op("diffusiongemma::invert_permutation", mutates_args=())
+def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """perm [P], a permutation of 0..P-1 -> inverse [P], with inverse[perm[j]] = j: one scatter.
+    A custom operator, so that compiled code calls it as an opaque (extern) kernel. Inductor's programmatic
+    dependent launch (pdl_options) lets a kernel read, before its gdc_wait, what the kernel ahead of it wrote when
+    that kernel scattered in place: torch 2.11 to 2.13 do not count the scatter's write as that kernel's (on an H200,
+    the kernel after sort_pairs' scatter loaded the order before its wait: README.md). After an extern kernel the
+    next compiled kernel always waits before its first read."""
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.shape[0], device=perm.device, dtype=perm.dtype)
+    return inverse
+
+
+@invert_permutation.register_fake
+def _invert_permutation_shape(perm):
+    return torch.empty_like(perm)
 
 
 class Layer(nn.Module):

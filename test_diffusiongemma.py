@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -1230,6 +1231,46 @@ def test_fast_path_autotuned_matches_eager_on_gpu(gentle_ckpt):
         assert token_err(t, r) < 1.25 * token_err(e, r)
 
 
+def pdl_races(code):
+    """Where inductor's generated code (one compiled graph's, from run_and_get_code) leaves programmatic dependent
+    launch a race: a kernel launched with it that never waits (gdc_wait), so that the kernel after it may start
+    before the ones ahead of it have finished; or one that loads, before its wait, a buffer that the kernel
+    launched just before it writes. Returns one line per race."""
+    sources = dict(re.findall(r"^(\w+) = async_compile\.triton\('\w+', '''(.*?)'''", code, re.S | re.M))
+    params = {name: re.search(r"def \w+\((.*?)\):", src, re.S).group(1).replace(" ", "").split(",")
+              for name, src in sources.items()}
+    alias, launches, races = {}, [], []  # launches: (kernel or None for an extern one, [buffer of each argument])
+    def buffer(arg):
+        name = re.match(r"(?:reinterpret_tensor\()?(\w+)", arg).group(1)
+        while name in alias:
+            name = alias[name]
+        return name
+    for line in code[code.index("def call("):].splitlines():
+        line = line.strip()
+        if m := re.fullmatch(r"(\w+) = (\w+); del \2  # reuse", line):
+            alias[m.group(1)] = m.group(2)
+        elif (m := re.fullmatch(r"(\w+)\.run\((.*)\)", line)) and m.group(1) in sources:
+            args = [a for a in re.split(r",\s*(?![^()]*\))", m.group(2)) if not a.startswith("stream=")]
+            launches.append((m.group(1), [buffer(a) for a in args]))
+        elif "extern_kernels." in line or "torch.ops." in line:
+            launches.append((None, [buffer(a) for a in re.findall(r"(?:out=|^)(\w+)", line)]))
+    for i, (name, args) in enumerate(launches):
+        src = sources.get(name, "")
+        if "'launch_pdl': True" not in src:
+            continue
+        body = src[src.index("@triton.jit"):]
+        if "gdc_wait()" not in body:
+            races.append(f"{name} never waits")
+            continue
+        early = set(re.findall(r"tl\.load\((\w+)", body[:body.index("gdc_wait()")]))
+        before, written = launches[i - 1] if i else (None, [])
+        if before is not None:  # an inductor kernel writes its out_ptr and in_out_ptr; one of ours, any pointer
+            written = [a for p, a in zip(params[before], written) if not p.startswith("in_ptr")]
+        loaded = {a for p, a in zip(params[name], args) if p in early}
+        races += [f"{name} loads {b} before it waits for {before}, which writes it" for b in loaded & set(written)]
+    return races
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
                          and HAVE_TRITON and dg.pdl_options()),
                     reason="programmatic dependent launch needs a Hopper or later GPU, Triton and inductor's option")
@@ -1237,11 +1278,18 @@ def test_fast_path_with_dependent_launch_matches_eager_on_gpu(gentle_ckpt):
     """FastPath(compile_layers=True) on a Hopper GPU at batch 1, CUDA graphs included: inductor's kernels
     and the AR token's attention kernels (attend_decode) launch with programmatic dependent launch (pdl_options,
     pdl_launch), so each may start before the one ahead of it has finished. A kernel that read too early would
-    read a stale buffer: the logits must stay as close to fp32 as the eager GPU passes' (see the test above)."""
+    read a stale buffer, rarely: so the generated code of every compiled graph must leave no race (pdl_races; the
+    kernel after an in-place scatter of inductor's own did, see invert_permutation), and the logits must stay as
+    close to fp32 as the eager GPU passes' (see the test above)."""
+    from torch._inductor.utils import run_and_get_code
     assert dg.pdl_launch(torch.device("cuda"))
     ref = fast_path_passes(gentle_ckpt, torch.float32, batch=1)
     eager = fast_path_passes(gentle_ckpt, torch.bfloat16, "cuda", batch=1)
-    compiled = fast_path_passes(gentle_ckpt, torch.bfloat16, "cuda", compiled=True, batch=1)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cached graph's code is not shown
+        compiled, codes = run_and_get_code(fast_path_passes, gentle_ckpt, torch.bfloat16, "cuda", compiled=True,
+                                           batch=1)
+    assert len(codes) > 5 and sum("gdc_wait()" in c for c in codes) > 5
+    assert [race for code in codes for race in pdl_races(code)] == []
     for r, e, c in zip(ref, eager, compiled):
         assert token_err(e, r) < 0.1
         assert token_err(c, r) < 1.25 * token_err(e, r)
