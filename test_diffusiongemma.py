@@ -1247,7 +1247,7 @@ def pdl_races(code):
         return name
     for line in code[code.index("def call("):].splitlines():
         line = line.strip()
-        if m := re.fullmatch(r"(\w+) = (\w+); del \2  # reuse", line):
+        if m := re.fullmatch(r"(\w+) = (\w+)(?:; del \2  # reuse)?", line):
             alias[m.group(1)] = m.group(2)
         elif (m := re.fullmatch(r"(\w+)\.run\((.*)\)", line)) and m.group(1) in sources:
             args = [a for a in re.split(r",\s*(?![^()]*\))", m.group(2)) if not a.startswith("stream=")]
