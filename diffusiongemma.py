@@ -2155,7 +2155,8 @@ class FastPath:
         AR token's attention (attend_decode), a prefill chunk's full-layer softmax (masked_softmax_rows); and a
         prefill chunk's sliding layers by compiled flex attention (block_mask);
       * on a Hopper or later GPU, programmatic dependent launch for the compiled kernels (pdl_options) and the AR
-        token's attention kernels (pdl_launch): each may start while the kernel before it finishes;
+        token's attention kernels (pdl_launch): each may start while the kernel before it finishes (the counting
+        sort's scatter is a custom operator so that the kernel after it waits: invert_permutation);
       * a StaticKVCache, so a pass over a fixed number of tokens (denoise a canvas, commit a block, one
         autoregressive token) has fixed shapes and addresses: on CUDA each is recorded once as a CUDA
         graph and replayed, with no Python and no launch overhead (a pass is ~2,000 kernels, which take
