@@ -603,18 +603,79 @@ def linears_forward(x, linears, fused=None):
     one and autograd is off (gradients reach the weights only through the linears themselves)."""
     if fused is None or torch.is_grad_enabled():
         return [lin(x) for lin in linears]
-    return F.linear(x, fused).split([lin.out_features for lin in linears], -1)
+    return linear(x, fused).split([lin.out_features for lin in linears], -1)
+
+
+def one_compiled_row(x):
+    """Whether x is one row (an AR token at batch 1) inside torch.compile, for inference."""
+    return x.numel() == x.shape[-1] and torch.compiler.is_compiling() and not torch.is_grad_enabled()
 
 
 def linear(x, weight):
-    """F.linear(x, weight) (no bias), except for one row under torch.compile (an AR token at batch 1): then a
-    product and an fp32 sum, which inductor turns into one reduction kernel (a GEMV) launched with programmatic
-    dependent launch like its neighbours, in place of cuBLAS's split-K GEMV and its reduction kernel. o_proj and
-    the router use it: on an H200 the AR token took 0.88x its time with cuBLAS; q/k/v and the dense MLP so made
-    it 1.09x, and keep F.linear (README.md)."""
-    if x.numel() == x.shape[-1] and torch.compiler.is_compiling():
+    """F.linear(x, weight) (no bias), except for one row under torch.compile on a GPU with Triton: then our GEMV
+    kernel (gemv), launched with programmatic dependent launch, in place of cuBLAS's GEMV (and its split-K
+    reduction), which launches without it. q/k/v, o_proj and the dense MLP use it: on an H200 the AR token took
+    0.975x its time with cuBLAS (README.md)."""
+    if one_compiled_row(x) and x.is_cuda and triton is not None:
+        return gemv(x, weight)
+    return F.linear(x, weight)
+
+
+def row_reduction(x, weight):
+    """F.linear(x, weight) as a product and an fp32 sum for one compiled row, which inductor turns into one
+    reduction kernel fused with what follows it: the router's (its softmax and sort; on an H200 the AR token took
+    0.88x its time with cuBLAS, README.md)."""
+    if one_compiled_row(x):
         return (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
     return F.linear(x, weight)
+
+
+GEMV_TILES = (2, 4)  # gemv: outputs per program, warps (the fastest in a sweep on an H200; README.md)
+
+
+@torch.library.custom_op("diffusiongemma::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) for one row x [..., K] (x.numel() == K), weight [N, K] -> [..., N], by one Triton kernel
+    (gemv_kernel): each program reads a few rows of the weight whole into registers, then multiplies them by x in
+    fp32. On Hopper (pdl_launch) it launches with programmatic dependent launch and reads its weights before it
+    waits for the kernel ahead of it, x after. A custom operator, so that compiled code launches it as it is."""
+    N, K = weight.shape
+    assert x.numel() == K and weight.stride(1) == 1
+    K1 = 1 << (K.bit_length() - 1)                        # the largest power of 2 <= K: an unmasked slice
+    K2 = triton.next_power_of_2(K - K1) if K > K1 else 0  # the rest, masked
+    out = x.new_empty(x.shape[:-1] + (N,))
+    (block_n, warps), pdl = GEMV_TILES, pdl_launch(x.device)
+    gemv_kernel[(triton.cdiv(N, block_n),)](x.contiguous(), weight, out, N, weight.stride(0), K=K, K1=K1, K2=K2,
+                                           BLOCK_N=block_n, PDL=pdl, num_warps=warps, launch_pdl=pdl)
+    return out
+
+
+@gemv.register_fake
+def _gemv_shape(x, weight):
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+if triton is not None:
+    @triton.jit
+    def gemv_kernel(x_ptr, w_ptr, out_ptr, N, w_row, K: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+                    BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """out[n] = sum_k w[n, k] x[k] for BLOCK_N rows n: the columns below K1 as one slice, the K2 after them
+        masked to K. PDL: the weights are read before gdc_wait (nothing writes them during a pass), x after; the
+        next kernel launches when this one ends (letting it launch at the wait was slower, README.md)."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        c1 = tl.arange(0, K1)
+        w1 = tl.load(w_ptr + n[:, None] * w_row + c1[None, :], mask=n_ok[:, None], other=0.0)
+        if K2 > 0:
+            c2 = K1 + tl.arange(0, K2)
+            w2 = tl.load(w_ptr + n[:, None] * w_row + c2[None, :], mask=n_ok[:, None] & (c2 < K)[None, :], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        acc = tl.sum(w1.to(tl.float32) * tl.load(x_ptr + c1).to(tl.float32)[None, :], axis=1)
+        if K2 > 0:
+            x2 = tl.load(x_ptr + c2, mask=c2 < K, other=0.0).to(tl.float32)
+            acc += tl.sum(w2.to(tl.float32) * x2[None, :], axis=1)
+        tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 class MLP(nn.Module):
@@ -629,7 +690,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = linears_forward(x, [self.gate_proj, self.up_proj], self.fused)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return linear(F.gelu(gate, approximate="tanh") * up, self.down_proj.weight)
 
 
 class Router(nn.Module):
@@ -645,7 +706,7 @@ class Router(nn.Module):
     def forward(self, x):
         """x [N, H] -> weights [N, k] (fp32), expert ids [N, k]."""
         z = rms_norm(x, None, self.eps) * self.scale * x.shape[-1] ** -0.5
-        probs = F.softmax(linear(z, self.proj.weight), dim=-1, dtype=torch.float32)  # over all experts
+        probs = F.softmax(row_reduction(z, self.proj.weight), dim=-1, dtype=torch.float32)  # over all experts
         # the top k by a sort of all E: compiled, one Triton kernel with the softmax (topk stays two aten kernels)
         weights, ids = probs.sort(dim=-1, descending=True)
         weights, ids = weights[:, :self.top_k], ids[:, :self.top_k]
@@ -780,8 +841,8 @@ class Experts(nn.Module):
       * `loop`: one small matmul pair per expert that got tokens (plain, readable: the reference);
       * `grouped`: sort the (token, expert) pairs by expert and run one grouped GEMM per projection
         (grouped_mm: our Triton kernel where FastPath sets few_rows_kernel, else torch._grouped_mm), with no
-        host synchronisation: the fast path on GPU. Compiled, a lone token (an AR step at batch 1) runs
-        forward_gathered instead, which reads its k experts in place.
+        host synchronisation: the fast path on GPU, where a lone token (an AR step at batch 1) runs two Triton
+        kernels of ours instead (one_token_experts), which read its k experts in place.
     to_fp8() stores them in float8 (a scale per row) for the grouped path, a lone token's too: faster, and an
     approximation."""
 
@@ -791,7 +852,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.impl = "loop"  # or "grouped"
-        self.few_rows_kernel = False  # grouped: grouped_mm_few_rows (FastPath sets it on a GPU)
+        self.few_rows_kernel = False  # grouped_mm_few_rows, and one_token_experts (FastPath sets it on a GPU)
         self.gate_up_scale = self.down_scale = None  # per-row decode scales once to_fp8() has run
 
     @torch.no_grad()
@@ -815,10 +876,10 @@ class Experts(nn.Module):
         """x [N, H], weights/ids [N, k] -> [N, H]"""
         if self.impl == "loop":
             return self.forward_loop(x, weights, ids)
-        # one token (an AR step at batch 1), compiled; float8 experts run grouped (gathered, inductor's reductions
-        # over float8 weights made the token 1.18x slower: README.md)
-        if x.shape[0] == 1 and self.gate_up_scale is None and torch.compiler.is_compiling():
-            return self.forward_gathered(x, weights, ids)
+        # one token (an AR step at batch 1) where FastPath picked our kernels: its k experts read in place;
+        # float8 experts run grouped (a lone token's float8 experts gathered in place were 1.18x slower: README.md)
+        if x.shape[0] == 1 and self.few_rows_kernel and self.gate_up_scale is None and not torch.is_grad_enabled():
+            return one_token_experts(x, self.gate_up_proj, self.down_proj, weights, ids)
         return self.forward_grouped(x, weights, ids)
 
     def forward_loop(self, x, weights, ids):
@@ -829,20 +890,6 @@ class Experts(nn.Module):
             y = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
             out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
         return out
-
-    def forward_gathered(self, x, weights, ids):
-        """Each pair's expert weights indexed by its id and multiplied in place: per projection, a product and
-        a sum that torch.compile turns into one reduction kernel reading the gathered rows (GEMVs), with no
-        sort and no grouped GEMM; the down projection's sum also runs over the k experts. For one token it
-        reads 8 experts in 39 us against 75 us for the grouped path (H100, compiled, 26B shape; floor 32 us:
-        README.md). Eagerly, the indexing would copy the weights: the grouped path is for everything else."""
-        N, k = ids.shape
-        xs = x.float().repeat_interleave(k, 0)                                    # [N*k, H]
-        h = (self.gate_up_proj[ids.reshape(-1)].float() * xs[:, None, :]).sum(-1)  # [N*k, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        act = (F.gelu(gate, approximate="tanh") * up * weights.reshape(-1, 1)).to(x.dtype)  # as forward_grouped
-        y = self.down_proj[ids].float() * act.view(N, k, 1, -1).float()          # [N, k, H, I]
-        return y.sum((1, 3)).to(x.dtype)
 
     def forward_grouped(self, x, weights, ids):
         N, k = ids.shape
@@ -868,6 +915,101 @@ class Experts(nn.Module):
         for s in slices[1:]:
             total = total + s.float()
         return total.to(x.dtype)
+
+
+ONE_TOKEN_TILES = ((1, 1), (1, 1))  # one_token_experts: outputs per program and warps, gate/up then down (README.md)
+
+
+@torch.library.custom_op("diffusiongemma::one_token_experts", mutates_args=())
+def one_token_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
+                      ids: torch.Tensor) -> torch.Tensor:
+    """Experts.forward_loop for one token by two Triton kernels that read its k experts in place: x [1, H],
+    gate_up [E, 2I, H], down [E, H, I], weights, ids [1, k] -> [1, H]. expert_gate_up_kernel: for each pair and a
+    few of its expert's I hidden units, the gate and up rows (all of H at once) times x in fp32, then
+    gelu(gate) * up * the pair's routing weight, rounded to x's dtype (as forward_grouped rounds it);
+    expert_down_kernel: for a few outputs, the k experts' down rows times those activations, summed in fp32. On
+    Hopper both launch with programmatic dependent launch and wait before their first read (the rows to read
+    depend on the router's ids). A custom operator, so that compiled code launches them as they are."""
+    E, I2, H = gate_up.shape
+    I, k = I2 // 2, ids.shape[1]
+    assert x.shape == (1, H) and gate_up.is_contiguous() and down.is_contiguous()
+    (up_n, up_warps), (down_n, down_warps) = ONE_TOKEN_TILES
+    pdl = pdl_launch(x.device)
+    ids = ids.contiguous()
+    H1, I1 = 1 << (H.bit_length() - 1), 1 << (I.bit_length() - 1)  # unmasked slices of H and I, then the rest
+    act = x.new_empty(k, I)
+    expert_gate_up_kernel[(k, triton.cdiv(I, up_n))](
+        x.contiguous(), gate_up, ids, weights.contiguous(), act, I, H=H, H1=H1,
+        H2=triton.next_power_of_2(H - H1) if H > H1 else 0, BLOCK_N=up_n, PDL=pdl, num_warps=up_warps,
+        launch_pdl=pdl)
+    out = x.new_empty(1, H)
+    expert_down_kernel[(triton.cdiv(H, down_n),)](
+        act, down, ids, out, H, k, I=I, I1=I1, I2=triton.next_power_of_2(I - I1) if I > I1 else 0,
+        BLOCK_K=triton.next_power_of_2(k), BLOCK_N=down_n, PDL=pdl, num_warps=down_warps, launch_pdl=pdl)
+    return out
+
+
+@one_token_experts.register_fake
+def _one_token_experts_shape(x, gate_up, down, weights, ids):
+    return torch.empty_like(x)
+
+
+if triton is not None:
+    @triton.jit
+    def gelu_tanh(g):
+        """gelu(g, approximate="tanh") = g * (1 + tanh(z)) / 2 = g * sigmoid(2z), z = sqrt(2/pi) (g + 0.044715 g^3)"""
+        return g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+
+    @triton.jit
+    def expert_gate_up_kernel(x_ptr, w_ptr, ids_ptr, weights_ptr, act_ptr, I, H: tl.constexpr, H1: tl.constexpr,
+                              H2: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """act[j, i] = gelu(w[e, i] . x) * (w[e, I + i] . x) * weights[j], e = ids[j], for BLOCK_N units i of pair
+        j; w [E, 2I, H]: the columns below H1 as one slice, the H2 after them masked to H."""
+        j = tl.program_id(0)
+        i = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        i_ok = i < I
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        rows = w_ptr + tl.load(ids_ptr + j).to(tl.int64) * (2 * I * H) + i[:, None] * H  # the gate rows
+        c1 = tl.arange(0, H1)
+        gate = tl.load(rows + c1[None, :], mask=i_ok[:, None], other=0.0).to(tl.float32)
+        up = tl.load(rows + I * H + c1[None, :], mask=i_ok[:, None], other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr + c1).to(tl.float32)[None, :]
+        g, u = tl.sum(gate * x1, axis=1), tl.sum(up * x1, axis=1)
+        if H2 > 0:
+            c2 = H1 + tl.arange(0, H2)
+            m2 = i_ok[:, None] & (c2 < H)[None, :]
+            gate2 = tl.load(rows + c2[None, :], mask=m2, other=0.0).to(tl.float32)
+            up2 = tl.load(rows + I * H + c2[None, :], mask=m2, other=0.0).to(tl.float32)
+            x2 = tl.load(x_ptr + c2, mask=c2 < H, other=0.0).to(tl.float32)[None, :]
+            g += tl.sum(gate2 * x2, axis=1)
+            u += tl.sum(up2 * x2, axis=1)
+        act = gelu_tanh(g) * u * tl.load(weights_ptr + j)
+        tl.store(act_ptr + j * I + i, act.to(act_ptr.dtype.element_ty), mask=i_ok)
+
+    @triton.jit
+    def expert_down_kernel(act_ptr, w_ptr, ids_ptr, out_ptr, H, K, I: tl.constexpr, I1: tl.constexpr,
+                           I2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """out[h] = sum over the K pairs j and the units i of w[ids[j], h, i] act[j, i], for BLOCK_N outputs h;
+        w [E, H, I], act [K, I]: the units below I1 as one slice, the I2 after them masked to I."""
+        h = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, BLOCK_K)
+        ok = (j < K)[:, None, None] & (h < H)[None, :, None]                                   # [BLOCK_K, BN, 1]
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        e = tl.load(ids_ptr + j, mask=j < K, other=0).to(tl.int64)
+        rows = w_ptr + e[:, None, None] * (H * I) + h[None, :, None] * I
+        c1 = tl.arange(0, I1)[None, None, :]
+        w1 = tl.load(rows + c1, mask=ok, other=0.0).to(tl.float32)
+        a1 = tl.load(act_ptr + j[:, None, None] * I + c1, mask=(j < K)[:, None, None], other=0.0).to(tl.float32)
+        acc = tl.sum(tl.sum(w1 * a1, axis=2), axis=0)
+        if I2 > 0:
+            c2 = I1 + tl.arange(0, I2)[None, None, :]
+            w2 = tl.load(rows + c2, mask=ok & (c2 < I), other=0.0).to(tl.float32)
+            a2 = tl.load(act_ptr + j[:, None, None] * I + c2, mask=(j < K)[:, None, None] & (c2 < I),
+                         other=0.0).to(tl.float32)
+            acc += tl.sum(tl.sum(w2 * a2, axis=2), axis=0)
+        tl.store(out_ptr + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)
 
 
 def sort_pairs(expert, E: int):
@@ -1426,7 +1568,7 @@ class DiffusionGemma(nn.Module):
     def compile_layers(self, autotune=False):
         """torch.compile the elementwise-heavy parts of the model so that their many small kernels fuse:
         every layer's Layer.project (norms, RoPE), Attention.output (the heads' concatenation and o_proj: an AR
-        token's as a reduction, see linear) and Layer.feed_forward (norms, gates, routing, the experts'
+        token's by our GEMV kernel, see linear) and Layer.feed_forward (norms, gates, routing, the experts'
         gather and sum), the explicit attention's masked softmax, the head's softcap (one kernel per vocabulary
         chunk, written straight into the logits), the self-conditioning product's softmax and the fast path's
         RoPE tables and attention masks of a step (step_inputs). Used by
@@ -1452,7 +1594,7 @@ class DiffusionGemma(nn.Module):
         for layer in self.layers:
             layer.self_attn.softmax = softmax
             layer.project = torch.compile(layer.project, dynamic=False, options=options)
-            # o_proj: an AR token's as a reduction (linear), and among the autotuned GEMMs
+            # o_proj: an AR token's by our GEMV kernel (linear), and among the autotuned GEMMs
             layer.self_attn.output = torch.compile(layer.self_attn.output, dynamic=False, options=options)
             layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False, options=options)
             for part in ("add_attention", "dense", "moe", "add_feed_forward"):  # feed_forward_overlapped's parts
@@ -2150,10 +2292,10 @@ class FastPath:
         so a denoising step never waits for the host;
       * each layer's q/k/v and gate/up projections as one GEMM each (model.fuse_projections);
       * on CUDA, a one-token pass's dense MLP on a second stream, beside its router and experts; compiled, its
-        o_proj and router as reductions (linear);
+        router's product as a reduction (row_reduction) and its other linears by our GEMV kernel (linear, gemv);
       * on an Ampere or later GPU, Triton kernels of ours: the experts' grouped GEMMs (grouped_mm_few_rows), an
-        AR token's attention (attend_decode), a prefill chunk's full-layer softmax (masked_softmax_rows); and a
-        prefill chunk's sliding layers by compiled flex attention (block_mask);
+        AR token's experts (one_token_experts) and attention (attend_decode), a prefill chunk's full-layer softmax
+        (masked_softmax_rows); and a prefill chunk's sliding layers by compiled flex attention (block_mask);
       * on a Hopper or later GPU, programmatic dependent launch for the compiled kernels (pdl_options) and the AR
         token's attention kernels (pdl_launch): each may start while the kernel before it finishes (the counting
         sort's scatter is a custom operator so that the kernel after it waits: invert_permutation);

@@ -225,32 +225,6 @@ def test_grouped_experts_match_loop():
     assert rel_err(b, a) < 1e-5
 
 
-def test_gathered_experts_match_loop():
-    """forward_gathered (a lone token's experts read in place by index; what the compiled grouped path runs for
-    one token) computes what the loop computes: called eagerly, and picked by the compiled forward at one token."""
-    cfg = tiny_config(num_experts=8, top_k_experts=3)
-    model = randomise_(DiffusionGemma(cfg), seed=2)
-    experts, router = model.layers[0].experts, model.layers[0].router
-    x = torch.randn(4, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
-    w, ids = router(x)
-    ref = experts.forward_loop(x, w, ids)
-    assert rel_err(experts.forward_gathered(x, w, ids), ref) < 1e-5  # any number of tokens
-    eb, xb = experts.to(torch.bfloat16), x.bfloat16()  # compiled, the grouped GEMM is bf16 only
-    eb.impl = "grouped"
-    refb = eb.forward_loop(xb, w, ids).float()
-    taken = []  # the token counts forward_gathered was traced with
-
-    def spy(x, weights, ids):
-        taken.append(x.shape[0])
-        return type(eb).forward_gathered(eb, x, weights, ids)
-    eb.forward_gathered = spy
-    with torch.no_grad():
-        for n in (1, 2):
-            torch._dynamo.reset()
-            assert rel_err(torch.compile(eb.forward, dynamic=False)(xb[:n], w[:n], ids[:n]).float(), refb[:n]) < 2e-2
-    assert taken and set(taken) == {1}  # one token: gathered; two: grouped
-
-
 def test_sort_pairs_is_a_stable_sort_by_expert():
     """The counting sort behind the grouped experts: the pairs in the order of a stable sort by expert, and each
     expert's end row (experts that got no pair included)."""
@@ -353,6 +327,70 @@ def test_few_rows_grouped_kernel_matches_aten_on_gpu():
     ampere = torch.cuda.get_device_capability() >= (8, 0)
     assert all(layer.experts.few_rows_kernel == ampere for layer in model.layers)
 
+
+
+ONE_ROW_CHECK = """
+import torch, diffusiongemma as dg
+from test_diffusiongemma import randomise_, tiny_config
+g = torch.Generator().manual_seed(0)
+for N, K in ((37, 64), (50, 96), (8, 200)):  # outputs that the tiles do not divide; K a power of 2 or not
+    x, w = torch.randn(1, 1, K, generator=g), torch.randn(N, K, generator=g)
+    want = torch.nn.functional.linear(x, w)
+    print(((dg.gemv(x, w) - want).abs().max() / want.abs().max()).item())
+cfg = tiny_config(num_experts=8, top_k_experts=3, hidden_size=72, moe_intermediate_size=24)  # H, I not powers of 2
+layer = randomise_(dg.DiffusionGemma(cfg), seed=2).layers[0]
+experts = layer.experts
+x = torch.randn(2, cfg.hidden_size, generator=g)
+w, ids = layer.router(x)
+want = experts.forward_loop(x, w, ids)
+for tiles in (((1, 1), (1, 1)), ((2, 4), (4, 2))):
+    dg.ONE_TOKEN_TILES = tiles
+    print(((dg.one_token_experts(x[:1], experts.gate_up_proj, experts.down_proj, w[:1], ids[:1]) - want[:1]).abs().max()
+           / want[:1].abs().max()).item())
+experts.impl, experts.few_rows_kernel = "grouped", True  # as FastPath sets them: one token takes the kernels
+with torch.no_grad():
+    print(float(not torch.equal(experts(x[:1], w[:1], ids[:1]),
+                                dg.one_token_experts(x[:1], experts.gate_up_proj, experts.down_proj, w[:1], ids[:1]))))
+    print(((experts(x, w, ids) - want).abs().max() / want.abs().max()).item())  # two tokens: grouped
+"""
+
+
+@needs_triton_interpreter
+def test_one_row_kernels_match_torch_in_triton_interpreter():
+    """An AR token's Triton kernels for its linears (gemv) and its experts (one_token_experts), run by Triton's CPU
+    interpreter in fp32, compute F.linear and Experts.forward_loop: outputs that the tiles do not divide, widths
+    that are not powers of 2, two tile settings; Experts.forward takes the kernels for one token once FastPath has
+    picked our kernels (few_rows_kernel), and the grouped path for two."""
+    errors = interpreted(ONE_ROW_CHECK)
+    assert len(errors) == 7 and max(errors) < 1e-5, errors
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
+def test_one_row_kernels_match_torch_on_gpu():
+    """On the GPU in bf16, at the 26B shapes of an AR token: gemv gives F.linear up to bf16 rounding for q/k/v,
+    o_proj and the dense MLP's widths, and compiled, linear takes it for one row; one_token_experts gives
+    Experts.forward_loop's output for 8 of 128 experts."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for N, K in ((8192, 2816), (9216, 2816), (2816, 8192), (4224, 2816), (2816, 2112)):
+        x = torch.randn(1, 1, K, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).bfloat16()
+        want = torch.nn.functional.linear(x.float(), w.float())
+        with torch.no_grad():
+            got = dg.gemv(x, w)
+            torch._dynamo.reset()
+            assert torch.equal(torch.compile(dg.linear, dynamic=False)(x, w), got)
+        assert ((got.float() - want).norm() / want.norm()).item() < 1e-2, (N, K)
+    cfg = Config.preset("26b-a4b")
+    with torch.device("cuda"), torch.no_grad():
+        experts = dg.Experts(cfg).bfloat16()
+        experts.gate_up_proj.normal_(0, 0.02, generator=g)
+        experts.down_proj.normal_(0, 0.02, generator=g)
+        x = torch.randn(1, cfg.hidden_size, device="cuda", generator=g).bfloat16()
+        ids = torch.randperm(cfg.num_experts, device="cuda", generator=g)[:cfg.top_k_experts][None]
+        w = torch.rand(1, cfg.top_k_experts, device="cuda", generator=g)
+        want = experts.forward_loop(x, w, ids).float()
+        got = dg.one_token_experts(x, experts.gate_up_proj, experts.down_proj, w, ids).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
 SOFTMAX_ROWS_CHECK = """
