@@ -630,6 +630,13 @@ def row_reduction(x, weight):
     return F.linear(x, weight)
 
 
+def pow2_split(n):
+    """A width n as two power-of-2 slices for a kernel that reads a whole row at once (tl.arange needs powers of 2):
+    n1, the largest power of 2 <= n, read unmasked, then n2 >= n - n1 (0 if none), read masked to n."""
+    n1 = 1 << (n.bit_length() - 1)
+    return n1, triton.next_power_of_2(n - n1) if n > n1 else 0
+
+
 GEMV_TILES = (2, 4)  # gemv: outputs per program, warps (the fastest in a sweep on an H200; README.md)
 
 
@@ -641,8 +648,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     waits for the kernel ahead of it, x after. A custom operator, so that compiled code launches it as it is."""
     N, K = weight.shape
     assert x.numel() == K and weight.stride(1) == 1
-    K1 = 1 << (K.bit_length() - 1)                        # the largest power of 2 <= K: an unmasked slice
-    K2 = triton.next_power_of_2(K - K1) if K > K1 else 0  # the rest, masked
+    K1, K2 = pow2_split(K)
     out = x.new_empty(x.shape[:-1] + (N,))
     (block_n, warps), pdl = GEMV_TILES, pdl_launch(x.device)
     gemv_kernel[(triton.cdiv(N, block_n),)](x.contiguous(), weight, out, N, weight.stride(0), K=K, K1=K1, K2=K2,
@@ -750,7 +756,7 @@ def grouped_mm(x, w, offsets, scale=None, kernel=False, rows=None, out_rows=None
     out = grouped_mm_sorted(x if rows is None else x[rows], w, offsets, scale)
     if out_rows is None:
         return out
-    return out[invert_permutation(out_rows)]  # output row i is grouped row inverse[i]
+    return out[invert_permutation(out_rows)]  # output row i is the grouped row j with out_rows[j] = i
 
 
 def grouped_mm_sorted(x, w, offsets, scale=None):
@@ -936,16 +942,15 @@ def one_token_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
     (up_n, up_warps), (down_n, down_warps) = ONE_TOKEN_TILES
     pdl = pdl_launch(x.device)
     ids = ids.contiguous()
-    H1, I1 = 1 << (H.bit_length() - 1), 1 << (I.bit_length() - 1)  # unmasked slices of H and I, then the rest
+    (H1, H2), (I1, I2) = pow2_split(H), pow2_split(I)
     act = x.new_empty(k, I)
     expert_gate_up_kernel[(k, triton.cdiv(I, up_n))](
-        x.contiguous(), gate_up, ids, weights.contiguous(), act, I, H=H, H1=H1,
-        H2=triton.next_power_of_2(H - H1) if H > H1 else 0, BLOCK_N=up_n, PDL=pdl, num_warps=up_warps,
-        launch_pdl=pdl)
+        x.contiguous(), gate_up, ids, weights.contiguous(), act, I, H=H, H1=H1, H2=H2, BLOCK_N=up_n, PDL=pdl,
+        num_warps=up_warps, launch_pdl=pdl)
     out = x.new_empty(1, H)
     expert_down_kernel[(triton.cdiv(H, down_n),)](
-        act, down, ids, out, H, k, I=I, I1=I1, I2=triton.next_power_of_2(I - I1) if I > I1 else 0,
-        BLOCK_K=triton.next_power_of_2(k), BLOCK_N=down_n, PDL=pdl, num_warps=down_warps, launch_pdl=pdl)
+        act, down, ids, out, H, k, I=I, I1=I1, I2=I2, BLOCK_K=triton.next_power_of_2(k), BLOCK_N=down_n, PDL=pdl,
+        num_warps=down_warps, launch_pdl=pdl)
     return out
 
 
