@@ -934,8 +934,10 @@ def one_token_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
     few of its expert's I hidden units, the gate and up rows (all of H at once) times x in fp32, then
     gelu(gate) * up * the pair's routing weight, rounded to x's dtype (as forward_grouped rounds it);
     expert_down_kernel: for a few outputs, the k experts' down rows times those activations, summed in fp32. On
-    Hopper both launch with programmatic dependent launch and wait before their first read (the rows to read
-    depend on the router's ids). A custom operator, so that compiled code launches them as they are."""
+    Hopper both launch with programmatic dependent launch: the first waits before its first read (the rows to read
+    depend on the router's ids), then lets the second start, which reads its weights while the first runs and
+    waits for the activations (an AR token 0.994x, README.md). A custom operator, so that compiled code launches
+    them as they are."""
     E, I2, H = gate_up.shape
     I, k = I2 // 2, ids.shape[1]
     assert x.shape == (1, H) and gate_up.is_contiguous() and down.is_contiguous()
@@ -973,8 +975,9 @@ if triton is not None:
         j = tl.program_id(0)
         i = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         i_ok = i < I
-        if PDL:
+        if PDL:  # the ids are the router's: wait, then let expert_down_kernel start reading its weights
             tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         rows = w_ptr + tl.load(ids_ptr + j).to(tl.int64) * (2 * I * H) + i[:, None] * H  # the gate rows
         c1 = tl.arange(0, H1)
         gate = tl.load(rows + c1[None, :], mask=i_ok[:, None], other=0.0).to(tl.float32)
@@ -1000,20 +1003,23 @@ if triton is not None:
         h = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         j = tl.arange(0, BLOCK_K)
         ok = (j < K)[:, None, None] & (h < H)[None, :, None]                                   # [BLOCK_K, BN, 1]
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+        # the ids were written before expert_gate_up_kernel waited, and that kernel lets this one start only after
+        # its wait: this kernel reads them, and its weights, while that one runs, then waits for the activations
         e = tl.load(ids_ptr + j, mask=j < K, other=0).to(tl.int64)
         rows = w_ptr + e[:, None, None] * (H * I) + h[None, :, None] * I
         c1 = tl.arange(0, I1)[None, None, :]
-        w1 = tl.load(rows + c1, mask=ok, other=0.0).to(tl.float32)
-        a1 = tl.load(act_ptr + j[:, None, None] * I + c1, mask=(j < K)[:, None, None], other=0.0).to(tl.float32)
-        acc = tl.sum(tl.sum(w1 * a1, axis=2), axis=0)
+        w1 = tl.load(rows + c1, mask=ok, other=0.0)
         if I2 > 0:
             c2 = I1 + tl.arange(0, I2)[None, None, :]
-            w2 = tl.load(rows + c2, mask=ok & (c2 < I), other=0.0).to(tl.float32)
+            w2 = tl.load(rows + c2, mask=ok & (c2 < I), other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        a1 = tl.load(act_ptr + j[:, None, None] * I + c1, mask=(j < K)[:, None, None], other=0.0).to(tl.float32)
+        acc = tl.sum(tl.sum(w1.to(tl.float32) * a1, axis=2), axis=0)
+        if I2 > 0:
             a2 = tl.load(act_ptr + j[:, None, None] * I + c2, mask=(j < K)[:, None, None] & (c2 < I),
                          other=0.0).to(tl.float32)
-            acc += tl.sum(tl.sum(w2 * a2, axis=2), axis=0)
+            acc += tl.sum(tl.sum(w2.to(tl.float32) * a2, axis=2), axis=0)
         tl.store(out_ptr + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)
 
 
@@ -1106,21 +1112,22 @@ class Layer(nn.Module):
         return x + self.post_attention_layernorm(attn)
 
     def dense(self, x):
-        """The dense MLP's branch: x [B, T, H] -> [B, T, H]."""
-        return self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        """The dense MLP's branch before its output norm: x [B, T, H] -> [B, T, H]."""
+        return self.mlp(self.pre_feedforward_layernorm(x))
 
     def moe(self, x):
-        """The experts' branch, routed on the raw residual: x [B, T, H] -> [B, T, H]."""
+        """The experts' branch before its output norm, routed on the raw residual: x [B, T, H] -> [B, T, H]."""
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.router(flat)
-        return self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids)
-                                                 .view_as(x))
+        return self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids).view_as(x)
 
     def add_feed_forward(self, x, dense, moe, enc_rows: int):
-        """The residual x [B, T, H] plus the normed sum of both branches, times the layer's scalar: the encoder's
-        for the first enc_rows tokens, the decoder's for the rest (a pass is one or the other, except
-        encode_and_denoise's)."""
-        x = x + self.post_feedforward_layernorm(dense + moe)
+        """The residual x [B, T, H] plus the normed sum of both branches (each normed first), times the layer's
+        scalar: the encoder's for the first enc_rows tokens, the decoder's for the rest (a pass is one or the
+        other, except encode_and_denoise's). The branches' output norms are here, not in dense and moe, so that
+        compiled they fuse with this sum where the branches run apart (an AR token's)."""
+        ff = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(moe)
+        x = x + self.post_feedforward_layernorm(ff)
         if enc_rows in (0, x.shape[1]):
             return x * (self.encoder_layer_scalar if enc_rows else self.layer_scalar)
         return torch.cat([x[:, :enc_rows] * self.encoder_layer_scalar, x[:, enc_rows:] * self.layer_scalar], 1)
@@ -2339,6 +2346,10 @@ class FastPath:
             stream = torch.cuda.Stream(self.device)
             for layer in model.layers:
                 layer.stream = stream
+        # the passes are recorded on a stream of high priority, the dense MLP's stream keeps the default (the lowest):
+        # where both have blocks waiting, the GPU schedules the router's and the experts' chain first (on an H200
+        # the AR token took 0.996x its time, README.md)
+        self.record_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         # our Triton kernels for the experts (few_rows_kernel) and the attention (decode_kernel: an AR token's, a
         # prefill chunk's full-layer softmax); their bf16 products need an Ampere or later GPU, Triton's float8
         # (experts_to_fp8, before FastPath) an sm89 or later one
@@ -2486,7 +2497,7 @@ class FastPath:
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 try:
-                    with torch.cuda.graph(graph):
+                    with torch.cuda.graph(graph, stream=self.record_stream):
                         out = fn()
                 except RuntimeError as e:  # something in the pass cannot be recorded: run it eagerly
                     print(f"warning: CUDA graph of the {name} pass failed ({str(e).splitlines()[0]}); running eagerly")
