@@ -2349,7 +2349,7 @@ class FastPath:
         # the passes are recorded on a stream of high priority, the dense MLP's stream keeps the default (the lowest):
         # where both have blocks waiting, the GPU schedules the router's and the experts' chain first (on an H200
         # the AR token took 0.996x its time, README.md)
-        self.record_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
+        self.graph_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         # our Triton kernels for the experts (few_rows_kernel) and the attention (decode_kernel: an AR token's, a
         # prefill chunk's full-layer softmax); their bf16 products need an Ampere or later GPU, Triton's float8
         # (experts_to_fp8, before FastPath) an sm89 or later one
@@ -2497,7 +2497,7 @@ class FastPath:
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 try:
-                    with torch.cuda.graph(graph, stream=self.record_stream):
+                    with torch.cuda.graph(graph, stream=self.graph_stream):
                         out = fn()
                 except RuntimeError as e:  # something in the pass cannot be recorded: run it eagerly
                     print(f"warning: CUDA graph of the {name} pass failed ({str(e).splitlines()[0]}); running eagerly")
