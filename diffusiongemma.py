@@ -621,15 +621,6 @@ def linear(x, weight):
     return F.linear(x, weight)
 
 
-def row_reduction(x, weight):
-    """F.linear(x, weight) as a product and an fp32 sum for one compiled row, which inductor turns into one
-    reduction kernel fused with what follows it: the router's (its softmax and sort; on an H200 the AR token took
-    0.88x its time with cuBLAS, README.md)."""
-    if one_compiled_row(x):
-        return (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)
-    return F.linear(x, weight)
-
-
 def pow2_split(n):
     """A width n as two power-of-2 slices for a kernel that reads a whole row at once (tl.arange needs powers of 2):
     n1, the largest power of 2 <= n, read unmasked, then n2 >= n - n1 (0 if none), read masked to n."""
@@ -712,12 +703,114 @@ class Router(nn.Module):
     def forward(self, x):
         """x [N, H] -> weights [N, k] (fp32), expert ids [N, k]."""
         z = rms_norm(x, None, self.eps) * self.scale * x.shape[-1] ** -0.5
-        probs = F.softmax(row_reduction(z, self.proj.weight), dim=-1, dtype=torch.float32)  # over all experts
+        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)  # over all experts
         # the top k by a sort of all E: compiled, one Triton kernel with the softmax (topk stays two aten kernels)
         weights, ids = probs.sort(dim=-1, descending=True)
         weights, ids = weights[:, :self.top_k], ids[:, :self.top_k]
         weights = weights / weights.sum(-1, keepdim=True)
         return weights * self.per_expert_scale[ids], ids
+
+
+ROUTER_TILE, ROUTER_WARPS = 1, 4  # route_one_token: experts and warps per program (README.md)
+_route_counts = {}  # route_one_token: per device, how many programs have written their logits (0 between tokens)
+
+
+@torch.library.custom_op("diffusiongemma::route_one_token", mutates_args=())
+def route_one_token(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, per_expert_scale: torch.Tensor,
+                    norm: torch.Tensor, top_k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router.forward and the experts' input norm for one token x [1, H], by one Triton kernel (router_kernel):
+    -> weights [1, k] (fp32), expert ids [1, k] (int64), rms_norm(x, norm) [1, H]. Each program norms the token
+    itself and computes a few experts' logits (on Hopper, launched with programmatic dependent launch, it reads
+    their proj rows before it waits); the last program to finish, counted by an atomic, takes the softmax, the top k
+    (by rank, the lowest id first among equal probabilities) and the renormalised weights. It replaces inductor's
+    four kernels for an AR token (the router's norm, its product with the softmax and sort, the renorm, the
+    experts' norm): on an H200 the token took 0.98x its time (README.md). The experts' kernel launches when it
+    ends: letting that one launch early (it waits on the SMs) kept the dense MLP's stream off them, 1.03x. A
+    custom operator, so that compiled code launches it as it is."""
+    H, (E, _) = x.shape[-1], proj.shape
+    assert x.shape == (1, H) and proj.is_contiguous() and E <= 1024
+    programs = triton.cdiv(E, ROUTER_TILE)
+    if x.device not in _route_counts:
+        _route_counts[x.device] = torch.zeros(1, dtype=torch.int32, device=x.device)
+    logits = torch.empty(E, dtype=torch.float32, device=x.device)
+    weights = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(1, top_k, dtype=torch.int64, device=x.device)
+    normed = torch.empty_like(x)
+    H1, H2 = pow2_split(H)
+    slice_ = triton.cdiv(H, programs)
+    pdl = pdl_launch(x.device)
+    router_kernel[(programs,)](
+        x.contiguous(), scale, proj, per_expert_scale, norm, logits, _route_counts[x.device], weights, ids, normed,
+        E, top_k, eps, H ** -0.5, slice_, H=H, H1=H1, H2=H2, BLOCK_E=ROUTER_TILE,
+        BLOCK_X=triton.next_power_of_2(slice_), BLOCK_ALL=triton.next_power_of_2(E),
+        PDL=pdl, num_warps=ROUTER_WARPS, launch_pdl=pdl)
+    return weights, ids, normed
+
+
+@route_one_token.register_fake
+def _route_one_token_shape(x, scale, proj, per_expert_scale, norm, top_k, eps):
+    return (x.new_empty(1, top_k, dtype=torch.float32), x.new_empty(1, top_k, dtype=torch.int64),
+            torch.empty_like(x))
+
+
+if triton is not None:
+    @triton.jit
+    def router_kernel(x_ptr, scale_ptr, w_ptr, expert_scale_ptr, norm_ptr, logits_ptr, count_ptr, weights_ptr,
+                      ids_ptr, normed_ptr, E, K, eps, h_scale, SLICE, H: tl.constexpr, H1: tl.constexpr,
+                      H2: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_ALL: tl.constexpr,
+                      PDL: tl.constexpr):
+        """logits[e] = (rms_norm(x) * scale * h_scale) . w[e], rounded as Router.forward rounds them, for BLOCK_E
+        experts e, and normed[j] = rms_norm(x, norm)[j] for SLICE columns j; x, scale, norm [H] (the columns below
+        H1 as one slice, the H2 after them masked to H), w [E, H]. The program that counts itself last in count
+        turns the E logits into the top K experts' ids and weights (softmax, top K, renormalised, times
+        expert_scale) and sets count back to 0."""
+        p = tl.program_id(0)
+        e = p * BLOCK_E + tl.arange(0, BLOCK_E)
+        e_ok = e < E
+        c1 = tl.arange(0, H1)
+        w1 = tl.load(w_ptr + e[:, None] * H + c1[None, :], mask=e_ok[:, None], other=0.0).to(tl.float32)
+        s1 = tl.load(scale_ptr + c1).to(tl.float32)
+        if H2 > 0:
+            c2 = H1 + tl.arange(0, H2)
+            w2 = tl.load(w_ptr + e[:, None] * H + c2[None, :], mask=e_ok[:, None] & (c2 < H)[None, :],
+                         other=0.0).to(tl.float32)
+            s2 = tl.load(scale_ptr + c2, mask=c2 < H, other=0.0).to(tl.float32)
+        j = p * SLICE + tl.arange(0, BLOCK_X)
+        j_ok = (j < (p + 1) * SLICE) & (j < H)
+        g = tl.load(norm_ptr + j, mask=j_ok, other=0.0).to(tl.float32)
+        if PDL:  # x is the kernel ahead's; the experts' kernel after this one launches when it ends
+            tl.extra.cuda.gdc_wait()
+        x1 = tl.load(x_ptr + c1).to(tl.float32)
+        squares = tl.sum(x1 * x1, axis=0)
+        if H2 > 0:
+            x2 = tl.load(x_ptr + c2, mask=c2 < H, other=0.0).to(tl.float32)
+            squares += tl.sum(x2 * x2, axis=0)
+        inv_rms = 1.0 / tl.sqrt(squares / H + eps)
+        # rms_norm(x) in x's dtype, as F.rms_norm returns it, then scale and h_scale in fp32 (as compiled)
+        z1 = (x1 * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32) * s1 * h_scale
+        logit = tl.sum(w1 * z1[None, :], axis=1)
+        if H2 > 0:
+            z2 = (x2 * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32) * s2 * h_scale
+            logit += tl.sum(w2 * z2[None, :], axis=1)
+        tl.store(logits_ptr + e, logit.to(x_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
+        xj = tl.load(x_ptr + j, mask=j_ok, other=0.0).to(tl.float32)
+        tl.store(normed_ptr + j, (xj * inv_rms * g).to(normed_ptr.dtype.element_ty), mask=j_ok)
+        tl.debug_barrier()  # the program's logits stored before it counts itself (the atomic releases them)
+        if tl.atomic_add(count_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            a = tl.arange(0, BLOCK_ALL)
+            logits = tl.load(logits_ptr + a, mask=a < E, other=float("-inf"), cache_modifier=".cg")
+            probs = tl.exp(logits - tl.max(logits, axis=0))
+            probs = probs / tl.sum(probs, axis=0)                                # [BLOCK_ALL], 0 past E
+            # each expert's rank: how many come before it (a larger probability, or an equal one and a lower id)
+            b = a[:, None]
+            before = (probs[:, None] > probs[None, :]) | ((probs[:, None] == probs[None, :]) & (b < a[None, :]))
+            rank = tl.sum(before.to(tl.int32), axis=0)                           # [BLOCK_ALL]
+            top = (rank < K) & (a < E)
+            total = tl.sum(tl.where(top, probs, 0.0), axis=0)
+            scale = tl.load(expert_scale_ptr + a, mask=top, other=0.0).to(tl.float32)
+            tl.store(weights_ptr + rank, probs / total * scale, mask=top)
+            tl.store(ids_ptr + rank, a.to(tl.int64), mask=top)
+            tl.atomic_xchg(count_ptr, 0)
 
 
 FP8 = torch.float8_e4m3fn
@@ -1116,10 +1209,17 @@ class Layer(nn.Module):
         return self.mlp(self.pre_feedforward_layernorm(x))
 
     def moe(self, x):
-        """The experts' branch before its output norm, routed on the raw residual: x [B, T, H] -> [B, T, H]."""
+        """The experts' branch before its output norm, routed on the raw residual: x [B, T, H] -> [B, T, H].
+        One compiled row on a GPU with Triton (an AR token) is routed and normed by our kernel, route_one_token."""
         flat = x.reshape(-1, x.shape[-1])
-        weights, ids = self.router(flat)
-        return self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids).view_as(x)
+        if one_compiled_row(flat) and flat.is_cuda and triton is not None:
+            r = self.router
+            weights, ids, normed = route_one_token(flat, r.scale, r.proj.weight, r.per_expert_scale,
+                                                   self.pre_feedforward_layernorm_2.weight, r.top_k, r.eps)
+        else:
+            weights, ids = self.router(flat)
+            normed = self.pre_feedforward_layernorm_2(flat)
+        return self.experts(normed, weights, ids).view_as(x)
 
     def add_feed_forward(self, x, dense, moe, enc_rows: int):
         """The residual x [B, T, H] plus the normed sum of both branches (each normed first), times the layer's
@@ -2304,7 +2404,7 @@ class FastPath:
         so a denoising step never waits for the host;
       * each layer's q/k/v and gate/up projections as one GEMM each (model.fuse_projections);
       * on CUDA, a one-token pass's dense MLP on a second stream, beside its router and experts; compiled, its
-        router's product as a reduction (row_reduction) and its other linears by our GEMV kernel (linear, gemv);
+        router by our kernel (route_one_token) and its other linears by our GEMV kernel (linear, gemv);
       * on an Ampere or later GPU, Triton kernels of ours: the experts' grouped GEMMs (grouped_mm_few_rows), an
         AR token's experts (one_token_experts) and attention (attend_decode), a prefill chunk's full-layer softmax
         (masked_softmax_rows); and a prefill chunk's sliding layers by compiled flex attention (block_mask);

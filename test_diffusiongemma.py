@@ -393,6 +393,73 @@ def test_one_row_kernels_match_torch_on_gpu():
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
+ROUTE_CHECK = """
+import torch, diffusiongemma as dg
+from test_diffusiongemma import randomise_, tiny_config
+cfg = tiny_config(num_experts=12, top_k_experts=3, hidden_size=72)  # E and H not powers of 2
+layer = randomise_(dg.DiffusionGemma(cfg), seed=3).layers[0]
+r, g = layer.router, torch.Generator().manual_seed(0)
+for tiles in ((1, 4), (2, 2), (4, 1)):  # experts and warps per program
+    dg.ROUTER_TILE, dg.ROUTER_WARPS = tiles
+    for t in range(2):
+        x = torch.randn(1, cfg.hidden_size, generator=g) * 3
+        w, ids = r(x)
+        normed = layer.pre_feedforward_layernorm_2(x)
+        got_w, got_ids, got_normed = dg.route_one_token(x, r.scale, r.proj.weight, r.per_expert_scale,
+                                                        layer.pre_feedforward_layernorm_2.weight, r.top_k, r.eps)
+        print(float(not torch.equal(got_ids, ids)), ((got_w - w).abs().max() / w.abs().max()).item(),
+              ((got_normed - normed).abs().max() / normed.abs().max()).item())
+"""
+
+
+@needs_triton_interpreter
+def test_router_kernel_matches_router_in_triton_interpreter():
+    """route_one_token, an AR token's router and experts' norm as one Triton kernel (each program some experts'
+    logits, the last one to finish the softmax and top k), run by Triton's CPU interpreter in fp32, gives
+    Router.forward's ids in order and its weights, and pre_feedforward_layernorm_2's output: expert counts and
+    widths that are not powers of 2, three tile settings, an atomic count that each call leaves at 0 for the next."""
+    errors = interpreted(ROUTE_CHECK)
+    assert len(errors) == 18 and max(errors) < 1e-5, errors
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
+def test_router_kernel_matches_router_on_gpu():
+    """On the GPU at the 26B router's shape (128 experts, top 8, 2,816 wide): in fp32 route_one_token gives
+    Router.forward's ids in order, its weights and the experts' norm; in bf16, whose rounded logits tie now and
+    then (and the two break ties apart), the same set of experts for nearly every token; compiled, Layer.moe
+    takes it for one row."""
+    from torch._inductor.utils import run_and_get_code
+    cfg = Config.preset("26b-a4b")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.device("cuda"), torch.no_grad():
+        layer = dg.Layer(cfg, 0)
+        layer.router.proj.weight.normal_(0, 0.02, generator=g)
+        for p in (layer.router.scale, layer.router.per_expert_scale, layer.pre_feedforward_layernorm_2.weight):
+            p.uniform_(0.5, 1.5, generator=g)
+        r, norm = layer.router, layer.pre_feedforward_layernorm_2
+        x = torch.randn(100, cfg.hidden_size, device="cuda", generator=g) * 5
+        for t in range(5):
+            w, ids = r(x[t:t + 1])
+            got_w, got_ids, got_normed = dg.route_one_token(x[t:t + 1], r.scale, r.proj.weight, r.per_expert_scale,
+                                                            norm.weight, r.top_k, r.eps)
+            assert torch.equal(got_ids, ids)
+            assert ((got_w - w).abs().max() / w.abs().max()).item() < 1e-5
+            assert ((got_normed - norm(x[t:t + 1])).abs().max()).item() < 1e-5
+        layer.bfloat16()
+        x, same = x.bfloat16(), 0
+        for t in range(100):
+            w, ids = r(x[t:t + 1])
+            got_w, got_ids, got_normed = dg.route_one_token(x[t:t + 1], r.scale, r.proj.weight, r.per_expert_scale,
+                                                            norm.weight, r.top_k, r.eps)
+            same += torch.equal(got_ids.sort().values, ids.sort().values)
+            assert ((got_normed.float() - norm(x[t:t + 1]).float()).norm() / got_normed.float().norm()) < 1e-2
+        assert same >= 90, same
+        layer.experts.impl, layer.experts.few_rows_kernel = "grouped", True  # as FastPath sets them
+        torch._dynamo.reset()
+        _, codes = run_and_get_code(torch.compile(layer.moe, dynamic=False), x[None, :1])
+        assert any("route_one_token" in code for code in codes)
+
+
 SOFTMAX_ROWS_CHECK = """
 import torch, diffusiongemma as dg
 g = torch.Generator().manual_seed(0)
