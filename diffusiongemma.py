@@ -711,39 +711,37 @@ class Router(nn.Module):
         return weights * self.per_expert_scale[ids], ids
 
 
-ROUTER_TILE, ROUTER_WARPS = 1, 4  # route_one_token: experts and warps per program (README.md)
-_route_counts = {}  # route_one_token: per device, how many programs have written their logits (0 between tokens)
+ROUTER_TILE, ROUTER_WARPS = 1, 4  # route_one_token: experts and warps per program of router_kernel (README.md)
 
 
 @torch.library.custom_op("diffusiongemma::route_one_token", mutates_args=())
 def route_one_token(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, per_expert_scale: torch.Tensor,
                     norm: torch.Tensor, top_k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router.forward and the experts' input norm for one token x [1, H], by one Triton kernel (router_kernel):
-    -> weights [1, k] (fp32), expert ids [1, k] (int64), rms_norm(x, norm) [1, H]. Each program norms the token
-    itself and computes a few experts' logits (on Hopper, launched with programmatic dependent launch, it reads
-    their proj rows before it waits); the last program to finish, counted by an atomic, takes the softmax, the top k
-    (by rank, the lowest id first among equal probabilities) and the renormalised weights. It replaces inductor's
-    four kernels for an AR token (the router's norm, its product with the softmax and sort, the renorm, the
-    experts' norm): on an H200 the token took 0.98x its time (README.md). The experts' kernel launches when it
-    ends: letting that one launch early (it waits on the SMs) kept the dense MLP's stream off them, 1.03x. A
-    custom operator, so that compiled code launches it as it is."""
+    """Router.forward and the experts' input norm for one token x [1, H], by two Triton kernels: -> weights [1, k]
+    (fp32), expert ids [1, k] (int64), rms_norm(x, norm) [1, H]. router_kernel: each program norms the token itself
+    and computes a few experts' logits, and a slice of the experts' norm; top_k_kernel, one program: the softmax,
+    the top k (by rank, the lowest id first among equal probabilities) and the renormalised weights. They replace
+    inductor's four kernels for an AR token (the router's norm, its product with the softmax and sort, the renorm,
+    the experts' norm): on an H200 the token took 0.98x its time (README.md). On Hopper both launch with
+    programmatic dependent launch: router_kernel reads its weights before it waits and lets top_k_kernel start;
+    the experts' kernel after them launches when top_k_kernel ends (launched early, its thousands of waiting
+    programs kept the dense MLP's stream off the SMs: 1.03x). A custom operator, so that compiled code launches
+    the kernels as they are."""
     H, (E, _) = x.shape[-1], proj.shape
-    assert x.shape == (1, H) and proj.is_contiguous() and E <= 1024
+    assert x.shape == (1, H) and proj.is_contiguous()
     programs = triton.cdiv(E, ROUTER_TILE)
-    if x.device not in _route_counts:
-        _route_counts[x.device] = torch.zeros(1, dtype=torch.int32, device=x.device)
     logits = torch.empty(E, dtype=torch.float32, device=x.device)
     weights = torch.empty(1, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(1, top_k, dtype=torch.int64, device=x.device)
     normed = torch.empty_like(x)
-    H1, H2 = pow2_split(H)
-    slice_ = triton.cdiv(H, programs)
+    (H1, H2), slice_ = pow2_split(H), triton.cdiv(H, programs)
     pdl = pdl_launch(x.device)
     router_kernel[(programs,)](
-        x.contiguous(), scale, proj, per_expert_scale, norm, logits, _route_counts[x.device], weights, ids, normed,
-        E, top_k, eps, H ** -0.5, slice_, H=H, H1=H1, H2=H2, BLOCK_E=ROUTER_TILE,
-        BLOCK_X=triton.next_power_of_2(slice_), BLOCK_ALL=triton.next_power_of_2(E),
-        PDL=pdl, num_warps=ROUTER_WARPS, launch_pdl=pdl)
+        x.contiguous(), scale, proj, norm, logits, normed, E, eps, H ** -0.5, slice_, H=H, H1=H1, H2=H2,
+        BLOCK_E=ROUTER_TILE, BLOCK_X=triton.next_power_of_2(slice_), PDL=pdl, num_warps=ROUTER_WARPS,
+        launch_pdl=pdl)
+    top_k_kernel[(1,)](logits, per_expert_scale, weights, ids, E, top_k, BLOCK_E=triton.next_power_of_2(E), PDL=pdl,
+                       launch_pdl=pdl)
     return weights, ids, normed
 
 
@@ -755,15 +753,12 @@ def _route_one_token_shape(x, scale, proj, per_expert_scale, norm, top_k, eps):
 
 if triton is not None:
     @triton.jit
-    def router_kernel(x_ptr, scale_ptr, w_ptr, expert_scale_ptr, norm_ptr, logits_ptr, count_ptr, weights_ptr,
-                      ids_ptr, normed_ptr, E, K, eps, h_scale, SLICE, H: tl.constexpr, H1: tl.constexpr,
-                      H2: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_ALL: tl.constexpr,
-                      PDL: tl.constexpr):
+    def router_kernel(x_ptr, scale_ptr, w_ptr, norm_ptr, logits_ptr, normed_ptr, E, eps, h_scale, SLICE,
+                      H: tl.constexpr, H1: tl.constexpr, H2: tl.constexpr, BLOCK_E: tl.constexpr,
+                      BLOCK_X: tl.constexpr, PDL: tl.constexpr):
         """logits[e] = (rms_norm(x) * scale * h_scale) . w[e], rounded as Router.forward rounds them, for BLOCK_E
         experts e, and normed[j] = rms_norm(x, norm)[j] for SLICE columns j; x, scale, norm [H] (the columns below
-        H1 as one slice, the H2 after them masked to H), w [E, H]. The program that counts itself last in count
-        turns the E logits into the top K experts' ids and weights (softmax, top K, renormalised, times
-        expert_scale) and sets count back to 0."""
+        H1 as one slice, the H2 after them masked to H), w [E, H]."""
         p = tl.program_id(0)
         e = p * BLOCK_E + tl.arange(0, BLOCK_E)
         e_ok = e < E
@@ -778,8 +773,9 @@ if triton is not None:
         j = p * SLICE + tl.arange(0, BLOCK_X)
         j_ok = (j < (p + 1) * SLICE) & (j < H)
         g = tl.load(norm_ptr + j, mask=j_ok, other=0.0).to(tl.float32)
-        if PDL:  # x is the kernel ahead's; the experts' kernel after this one launches when it ends
+        if PDL:  # x is the kernel ahead's
             tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         x1 = tl.load(x_ptr + c1).to(tl.float32)
         squares = tl.sum(x1 * x1, axis=0)
         if H2 > 0:
@@ -795,22 +791,26 @@ if triton is not None:
         tl.store(logits_ptr + e, logit.to(x_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
         xj = tl.load(x_ptr + j, mask=j_ok, other=0.0).to(tl.float32)
         tl.store(normed_ptr + j, (xj * inv_rms * g).to(normed_ptr.dtype.element_ty), mask=j_ok)
-        tl.debug_barrier()  # the program's logits stored before it counts itself (the atomic releases them)
-        if tl.atomic_add(count_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-            a = tl.arange(0, BLOCK_ALL)
-            logits = tl.load(logits_ptr + a, mask=a < E, other=float("-inf"), cache_modifier=".cg")
-            probs = tl.exp(logits - tl.max(logits, axis=0))
-            probs = probs / tl.sum(probs, axis=0)                                # [BLOCK_ALL], 0 past E
-            # each expert's rank: how many come before it (a larger probability, or an equal one and a lower id)
-            b = a[:, None]
-            before = (probs[:, None] > probs[None, :]) | ((probs[:, None] == probs[None, :]) & (b < a[None, :]))
-            rank = tl.sum(before.to(tl.int32), axis=0)                           # [BLOCK_ALL]
-            top = (rank < K) & (a < E)
-            total = tl.sum(tl.where(top, probs, 0.0), axis=0)
-            scale = tl.load(expert_scale_ptr + a, mask=top, other=0.0).to(tl.float32)
-            tl.store(weights_ptr + rank, probs / total * scale, mask=top)
-            tl.store(ids_ptr + rank, a.to(tl.int64), mask=top)
-            tl.atomic_xchg(count_ptr, 0)
+
+    @triton.jit
+    def top_k_kernel(logits_ptr, expert_scale_ptr, weights_ptr, ids_ptr, E, K, BLOCK_E: tl.constexpr,
+                     PDL: tl.constexpr):
+        """The E logits -> the top K experts' ids, most probable first, and their weights: softmax, the top K
+        renormalised to sum to 1, times expert_scale."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        a = tl.arange(0, BLOCK_E)
+        logits = tl.load(logits_ptr + a, mask=a < E, other=float("-inf"))
+        probs = tl.exp(logits - tl.max(logits, axis=0))
+        probs = probs / tl.sum(probs, axis=0)                                    # [BLOCK_E], 0 past E
+        # each expert's rank: how many come before it (a larger probability, or an equal one and a lower id)
+        before = (probs[:, None] > probs[None, :]) | ((probs[:, None] == probs[None, :]) & (a[:, None] < a[None, :]))
+        rank = tl.sum(before.to(tl.int32), axis=0)                               # [BLOCK_E]
+        top = (rank < K) & (a < E)
+        total = tl.sum(tl.where(top, probs, 0.0), axis=0)
+        scale = tl.load(expert_scale_ptr + a, mask=top, other=0.0).to(tl.float32)
+        tl.store(weights_ptr + rank, probs / total * scale, mask=top)
+        tl.store(ids_ptr + rank, a.to(tl.int64), mask=top)
 
 
 FP8 = torch.float8_e4m3fn

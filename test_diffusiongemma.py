@@ -414,10 +414,10 @@ for tiles in ((1, 4), (2, 2), (4, 1)):  # experts and warps per program
 
 @needs_triton_interpreter
 def test_router_kernel_matches_router_in_triton_interpreter():
-    """route_one_token, an AR token's router and experts' norm as one Triton kernel (each program some experts'
-    logits, the last one to finish the softmax and top k), run by Triton's CPU interpreter in fp32, gives
+    """route_one_token, an AR token's router and experts' norm as two Triton kernels (each program of the first some
+    experts' logits, the second the softmax and top k), run by Triton's CPU interpreter in fp32, gives
     Router.forward's ids in order and its weights, and pre_feedforward_layernorm_2's output: expert counts and
-    widths that are not powers of 2, three tile settings, an atomic count that each call leaves at 0 for the next."""
+    widths that are not powers of 2, three tile settings."""
     errors = interpreted(ROUTE_CHECK)
     assert len(errors) == 18 and max(errors) < 1e-5, errors
 
