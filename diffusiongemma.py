@@ -1210,7 +1210,7 @@ class Layer(nn.Module):
 
     def moe(self, x):
         """The experts' branch before its output norm, routed on the raw residual: x [B, T, H] -> [B, T, H].
-        One compiled row on a GPU with Triton (an AR token) is routed and normed by our kernel, route_one_token."""
+        One compiled row on a GPU with Triton (an AR token) is routed and normed by our kernels, route_one_token."""
         flat = x.reshape(-1, x.shape[-1])
         if one_compiled_row(flat) and flat.is_cuda and triton is not None:
             r = self.router
