@@ -345,6 +345,11 @@ class Attention(nn.Module):
     def project(self, x, cos, sin):
         """x [B, T, H] -> q [B, heads, T, D], k, v [B, kv_heads, T, D]: normed per head, RoPE on q and k."""
         B, T, _ = x.shape
+        if one_compiled_row(x) and x.is_cuda and triton is not None and self.fused is not None:
+            out = norm_rope_one_token(linear(x, self.fused), self.q_norm.weight, self.k_norm.weight, cos, sin,
+                                      self.heads, self.kv_heads, self.eps)
+            q, k, v = out.split([self.heads, self.kv_heads, self.kv_heads])  # [heads or kv, D] each, one token
+            return q.view(B, self.heads, T, -1), k.view(B, self.kv_heads, T, -1), v.view(B, self.kv_heads, T, -1)
         outs = linears_forward(x, self.projections(), self.fused)
         q = outs[0].view(B, T, self.heads, self.head_dim)
         k_raw = outs[1].view(B, T, self.kv_heads, self.head_dim)
@@ -354,6 +359,63 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)          # [B, kv, T, D]
         v = rms_norm(v_raw, None, self.eps).transpose(1, 2)                   # weightless norm, no RoPE
         return q, k, v
+
+
+@torch.library.custom_op("diffusiongemma::norm_rope_one_token", mutates_args=())
+def norm_rope_one_token(raw: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, heads: int, kv_heads: int, eps: float) -> torch.Tensor:
+    """Attention.project's norms and RoPE for one token, by one Triton kernel (norm_rope_kernel): raw [.., N], the
+    fused q/k(/v) projection (N = (heads + kv_heads) * D, + kv_heads * D where the layer has v_proj, else v is k's
+    raw output), q_weight, k_weight [D], cos, sin [.., D] -> [heads + 2 kv_heads, D]: the q heads normed with
+    q_weight and rotated, the k heads normed with k_weight and rotated, the v heads normed without a weight, each
+    rounded as the compiled project rounds it. One program per head. In place of inductor's three kernels for an
+    AR token (q's, k's and v's: their row counts differ). A custom operator, so that compiled code launches it as
+    it is."""
+    D = q_weight.shape[0]
+    rows = heads + 2 * kv_heads
+    assert raw.numel() in ((heads + kv_heads) * D, rows * D) and D & (D - 1) == 0
+    out = raw.new_empty(rows, D)
+    v_start = (heads + kv_heads if raw.numel() == rows * D else heads) * D  # v's rows, or k's again (K=V)
+    pdl = pdl_launch(raw.device)
+    norm_rope_kernel[(rows,)](raw.contiguous(), q_weight, k_weight, cos.contiguous(), sin.contiguous(), out, heads,
+                              kv_heads, v_start, eps, D=D, PDL=pdl, launch_pdl=pdl)
+    return out
+
+
+@norm_rope_one_token.register_fake
+def _norm_rope_one_token_shape(raw, q_weight, k_weight, cos, sin, heads, kv_heads, eps):
+    return raw.new_empty(heads + 2 * kv_heads, q_weight.shape[0])
+
+
+if triton is not None:
+    @triton.jit
+    def norm_rope_kernel(raw_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, out_ptr, HEADS, KV, V_START, eps,
+                         D: tl.constexpr, PDL: tl.constexpr):
+        """out[h] = rope(rms_norm(raw[h], q_w)) for h < HEADS (q), rope(rms_norm(raw[h], k_w)) for the KV heads
+        after them (k), rms_norm(raw[V_START + j]) for the KV heads after those (v); raw's rows of D, rope(y) =
+        y * cos + roll(y, D/2) * sin (sin's first half carries rotate_half's sign, see apply_rope). The weights
+        and cos, sin are read before gdc_wait (written before the kernel ahead), raw after."""
+        h = tl.program_id(0)
+        d = tl.arange(0, D)
+        rolled = (d + D // 2) % D                                              # roll(y, D/2)[d] = y[rolled[d]]
+        is_q, is_v = h < HEADS, h >= HEADS + KV
+        w = tl.where(is_q, tl.load(q_w_ptr + d), tl.load(k_w_ptr + d)).to(tl.float32)
+        w_rolled = tl.where(is_q, tl.load(q_w_ptr + rolled), tl.load(k_w_ptr + rolled)).to(tl.float32)
+        w, w_rolled = tl.where(is_v, 1.0, w), tl.where(is_v, 1.0, w_rolled)
+        cos = tl.load(cos_ptr + d).to(tl.float32)
+        sin = tl.load(sin_ptr + d).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        row = raw_ptr + tl.where(is_v, V_START + (h - HEADS - KV) * D, h * D)
+        x = tl.load(row + d).to(tl.float32)
+        x_rolled = tl.load(row + rolled).to(tl.float32)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        # the norm rounded to raw's dtype (F.rms_norm's output), RoPE in fp32 and rounded once (as compiled)
+        y = (x * inv_rms * w).to(raw_ptr.dtype.element_ty).to(tl.float32)
+        y_rolled = (x_rolled * inv_rms * w_rolled).to(raw_ptr.dtype.element_ty).to(tl.float32)
+        y = tl.where(is_v, y, y * cos + y_rolled * sin)
+        tl.store(out_ptr + h * D + d, y.to(out_ptr.dtype.element_ty))
 
 
 BMM_FP32_OUT = "dtype" in torch.ops.aten.bmm.overloads()  # torch.bmm(..., out_dtype=) (CUDA, torch >= 2.8)

@@ -393,6 +393,64 @@ def test_one_row_kernels_match_torch_on_gpu():
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
+NORM_ROPE_CHECK = """
+import torch, diffusiongemma as dg
+from test_diffusiongemma import randomise_, tiny_config
+model = randomise_(dg.DiffusionGemma(tiny_config()), seed=4)
+cfg, g = model.cfg, torch.Generator().manual_seed(0)
+for i in (0, cfg.layer_types.index(dg.FULL)):  # a sliding layer (v_proj), a full one (K=V, partial RoPE)
+    attn = model.layers[i].self_attn
+    fused = dg.fuse_linears(attn.projections())
+    x = torch.randn(1, 1, cfg.hidden_size, generator=g)
+    cos, sin = dg.rope_cos_sin(torch.tensor([[37]]), model.inv_freq("cpu")[cfg.layer_types[i]], torch.float32)
+    q, k, v = attn.project(x, cos, sin)
+    got = dg.norm_rope_one_token(x @ fused.T, attn.q_norm.weight, attn.k_norm.weight, cos, sin, attn.heads,
+                                 attn.kv_heads, attn.eps)
+    want = torch.cat([q.flatten(0, 2), k.flatten(0, 2), v.flatten(0, 2)])
+    print(((got - want).abs().max() / want.abs().max()).item())
+"""
+
+
+@needs_triton_interpreter
+def test_norm_rope_kernel_matches_project_in_triton_interpreter():
+    """norm_rope_one_token, an AR token's q, k and v norms and RoPE as one Triton kernel (one program per head),
+    run by Triton's CPU interpreter in fp32, gives Attention.project's q, k and v from the fused projection's
+    output: a sliding layer's (its own v_proj) and a full layer's (v from k's raw output, RoPE on part of the
+    head)."""
+    errors = interpreted(NORM_ROPE_CHECK)
+    assert len(errors) == 2 and max(errors) < 1e-5, errors
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
+def test_norm_rope_kernel_matches_project_on_gpu():
+    """On the GPU in bf16 at the 26B shapes (a sliding layer: 16 q and 8 KV heads 256 wide; a full one: 2 KV heads
+    512 wide, K=V, RoPE on a quarter), norm_rope_one_token gives Attention.project's eager q, k and v up to bf16
+    rounding, and compiled, Attention.project takes it for one row."""
+    from torch._inductor.utils import run_and_get_code
+    model_cfg = Config.preset("26b-a4b")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.device("cuda"), torch.no_grad():
+        for i in (0, model_cfg.layer_types.index(dg.FULL)):
+            attn = dg.Attention(model_cfg, i).bfloat16()
+            for p in attn.parameters():  # weights small, norm weights away from 1
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.dim() == 2 else
+                        0.5 + torch.rand(p.shape, generator=g))
+            attn.fused = dg.fuse_linears(attn.projections())
+            inv = (dg.rope_inv_freq(model_cfg.head_dim, model_cfg.rope_theta) if i == 0 else
+                   dg.rope_inv_freq(model_cfg.global_head_dim, model_cfg.global_rope_theta,
+                                    model_cfg.global_partial_rotary_factor))
+            cos, sin = dg.rope_cos_sin(torch.tensor([[3001]]), inv, torch.bfloat16)
+            x = torch.randn(1, 1, model_cfg.hidden_size, generator=g).bfloat16()
+            q, k, v = attn.project(x, cos, sin)
+            want = torch.cat([q.flatten(0, 2), k.flatten(0, 2), v.flatten(0, 2)]).float()
+            got = dg.norm_rope_one_token(dg.linear(x, attn.fused), attn.q_norm.weight, attn.k_norm.weight, cos, sin,
+                                         attn.heads, attn.kv_heads, attn.eps).float()
+            assert ((got - want).norm() / want.norm()).item() < 1e-2, i
+            torch._dynamo.reset()
+            _, codes = run_and_get_code(torch.compile(attn.project, dynamic=False), x, cos, sin)
+            assert any("norm_rope_one_token" in code for code in codes)
+
+
 ROUTE_CHECK = """
 import torch, diffusiongemma as dg
 from test_diffusiongemma import randomise_, tiny_config
