@@ -1759,12 +1759,14 @@ class DiffusionGemma(nn.Module):
         # max-autotune-no-cudagraphs as options (torch.compile takes a mode or options; the fast path records
         # its own graphs)
         options = {**pdl, **(torch._inductor.list_mode_options("max-autotune-no-cudagraphs") if autotune else {})}
-        # multi_kernel: inductor may keep a whole row of scores in registers (a persistent reduction: one read of
-        # the fp32 scores, not two) and picks the faster kernel by timing both; on an H200 the softmax of a
-        # denoise pass took 0.54 ms instead of 1.06 (README.md). Not from inductor's on-disk graph cache: loading
-        # a multi-kernel from it failed in torch 2.11 (TypeError in triton's cache_key), and this compiles in seconds
-        softmax = torch.compile(masked_softmax, dynamic=False,
-                                options={"triton.multi_kernel": 1, "fx_graph_cache": False, **pdl})
+        # multi_kernel: inductor may keep a whole row in registers (a persistent reduction: one read of it, not one
+        # per reduction) for rows up to 16x its usual limit of 1,024 values, and picks the faster kernel by timing
+        # both. On an H200 the softmax of a denoise pass took 0.54 ms instead of 1.06, and an AR token, whose norms
+        # run over rows of 2,816, 0.99x its time with it in feed_forward_overlapped's parts (README.md; the denoise
+        # pass's layers gained nothing). Not from inductor's on-disk graph cache: loading a multi-kernel from it
+        # failed in torch 2.11 (TypeError in triton's cache_key), and these compile in seconds.
+        multi = {"triton.multi_kernel": 1, "fx_graph_cache": False}
+        softmax = torch.compile(masked_softmax, dynamic=False, options={**multi, **pdl})
         for layer in self.layers:
             layer.self_attn.softmax = softmax
             layer.project = torch.compile(layer.project, dynamic=False, options=options)
@@ -1772,7 +1774,7 @@ class DiffusionGemma(nn.Module):
             layer.self_attn.output = torch.compile(layer.self_attn.output, dynamic=False, options=options)
             layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False, options=options)
             for part in ("add_attention", "dense", "moe", "add_feed_forward"):  # feed_forward_overlapped's parts
-                setattr(layer, part, torch.compile(getattr(layer, part), dynamic=False, options=options))
+                setattr(layer, part, torch.compile(getattr(layer, part), dynamic=False, options={**options, **multi}))
         self.head_chunk = torch.compile(head_chunk, dynamic=False, options=options)
         self.step_inputs = torch.compile(self.pass_inputs, dynamic=False, options=pdl)
         self.soft_embedding = torch.compile(self.soft_embedding, dynamic=False, options=options)

@@ -1398,11 +1398,17 @@ def pdl_races(code):
     """Where inductor's generated code (one compiled graph's, from run_and_get_code) leaves programmatic dependent
     launch a race: a kernel launched with it that never waits (gdc_wait), so that the kernel after it may start
     before the ones ahead of it have finished; or one that loads, before its wait, a buffer that the kernel
-    launched just before it writes. Returns one line per race."""
-    sources = dict(re.findall(r"^(\w+) = async_compile\.triton\('\w+', '''(.*?)'''", code, re.S | re.M))
-    params = {name: re.search(r"def \w+\((.*?)\):", src, re.S).group(1).replace(" ", "").split(",")
-              for name, src in sources.items()}
-    alias, launches, races = {}, [], []  # launches: (kernel or None for an extern one, [buffer of each argument])
+    launched just before it writes. A multi-kernel's launch (triton.multi_kernel: one of its kernels, picked by
+    timing) counts as any of its kernels. Returns one line per race."""
+    # per launched name: whether it launches with PDL, its kernel's body from its own def on (a source may define
+    # helper functions before it, as a cumsum's combine), and its parameters
+    pdl, bodies, params = {}, {}, {}
+    for name, kernel, src in re.findall(r"^(\w+) = async_compile\.triton\('(\w+)', '''(.*?)'''", code, re.S | re.M):
+        pdl[name], bodies[name] = "'launch_pdl': True" in src, src[src.index(f"def {kernel}("):]
+        params[name] = re.match(r"def \w+\((.*?)\):", bodies[name], re.S).group(1).replace(" ", "").split(",")
+    choices = {name: re.findall(r"\w+", kernels) for name, kernels in
+               re.findall(r"^(\w+) = async_compile\.multi_kernel\('\w+', \[(.*?)\]", code, re.S | re.M)}
+    alias, launches, races = {}, [], []  # launches: ([kernel, or its choices], or None for an extern one; buffers)
     def buffer(arg):
         name = re.match(r"(?:reinterpret_tensor\()?(\w+)", arg).group(1)
         while name in alias:
@@ -1412,25 +1418,26 @@ def pdl_races(code):
         line = line.strip()
         if m := re.fullmatch(r"(\w+) = (\w+)(?:; del \2  # reuse)?", line):
             alias[m.group(1)] = m.group(2)
-        elif (m := re.fullmatch(r"(\w+)\.run\((.*)\)", line)) and m.group(1) in sources:
+        elif (m := re.fullmatch(r"(\w+)\.run\((.*)\)", line)) and (m.group(1) in bodies or m.group(1) in choices):
             args = [a for a in re.split(r",\s*(?![^()]*\))", m.group(2)) if not a.startswith("stream=")]
-            launches.append((m.group(1), [buffer(a) for a in args]))
+            launches.append((choices.get(m.group(1), [m.group(1)]), [buffer(a) for a in args]))
         elif "extern_kernels." in line or "torch.ops." in line:
             launches.append((None, [buffer(a) for a in re.findall(r"(?:out=|^)(\w+)", line)]))
-    for i, (name, args) in enumerate(launches):
-        src = sources.get(name, "")
-        if "'launch_pdl': True" not in src:
-            continue
-        body = src[src.index("@triton.jit"):]
-        if "gdc_wait()" not in body:
-            races.append(f"{name} never waits")
-            continue
-        early = set(re.findall(r"tl\.load\((\w+)", body[:body.index("gdc_wait()")]))
-        before, written = launches[i - 1] if i else (None, [])
+    for i, (kernels, args) in enumerate(launches):
+        before, written = launches[i - 1] if i else ([], [])
         if before is not None:  # an inductor kernel writes its out_ptr and in_out_ptr; one of ours, any pointer
-            written = [a for p, a in zip(params[before], written) if not p.startswith("in_ptr")]
-        loaded = {a for p, a in zip(params[name], args) if p in early}
-        races += [f"{name} loads {b} before it waits for {before}, which writes it" for b in loaded & set(written)]
+            written = [a for k in before for p, a in zip(params[k], written) if not p.startswith("in_ptr")]
+        for name in kernels or []:
+            body = bodies[name]
+            if not pdl[name]:
+                continue
+            if "gdc_wait()" not in body:
+                races.append(f"{name} never waits")
+                continue
+            early = set(re.findall(r"tl\.load\((\w+)", body[:body.index("gdc_wait()")]))
+            loaded = {a for p, a in zip(params[name], args) if p in early}
+            races += [f"{name} loads {b} before it waits for {' or '.join(before or ['an extern kernel'])}, which "
+                      f"writes it" for b in loaded & set(written)]
     return races
 
 
