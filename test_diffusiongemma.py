@@ -1441,6 +1441,54 @@ def pdl_races(code):
     return races
 
 
+def generated_code(kernels, launches):
+    """A compiled graph's code in the form inductor writes it (as run_and_get_code returns it), reduced to what
+    pdl_races reads: kernels {name: body lines}, each launched with PDL (a name "multi_kernel_i:a,b" declares a
+    multi-kernel of kernels a and b), and the launches in call()."""
+    parts = []
+    for name, body in kernels.items():
+        if name.startswith("multi_kernel"):
+            name, choices = name.split(":")
+            parts.append(f"{name} = async_compile.multi_kernel('{name}', [\n    " + ",\n    ".join(choices.split(","))
+                         + ",\n], arg_index=arg_index)")
+            continue
+        params = sorted(set(re.findall(r"\b(?:in|out)_ptr\d", " ".join(body))), key=lambda p: (p[0] == "o", p))
+        helper = "@triton.jit\ndef _triton_helper_fn_add0(arg0_0, arg1_0):\n    return arg0_0 + arg1_0\n\n"
+        parts.append(f"{name} = async_compile.triton('{name}', '''\nimport triton\n"
+                     f"@triton_heuristics.pointwise(inductor_meta={{'launch_pdl': True}})\n{helper}@triton.jit\n"
+                     f"def {name}({', '.join(params)}, xnumel, XBLOCK : tl.constexpr):\n    "
+                     + "\n    ".join(body) + "\n''', device_str='cuda')")
+    return "\n\n".join(parts) + "\n\nclass Runner:\n    def call(self, args):\n" + "".join(
+        f"        {line}\n" for line in launches)
+
+
+def test_pdl_race_checker_reads_multi_kernels_and_helper_functions():
+    """pdl_races, the checker the GPU test below runs on every compiled graph, on code written in inductor's form:
+    a kernel that loads, before its wait, what the launch just before it writes is a race also where that launch is
+    a multi-kernel (triton.multi_kernel: either of its kernels may run) and where the kernel's source defines a
+    helper function first (its parameters are its own def's); a multi-kernel's choice that never waits is one too.
+    Waiting first, or loading only what was written two launches back, is not."""
+    wait, launch = "tl.extra.cuda.gdc_wait()", "tl.extra.cuda.gdc_launch_dependents()"
+    def races(c_body, b_body=(wait, "tl.store(out_ptr0, tl.load(in_ptr0))", launch)):
+        kernels = {"triton_per_a": [wait, "x = tl.load(in_ptr0)", launch, "tl.store(out_ptr0, x)"],
+                   "triton_red_b": list(b_body), "triton_per_b": list(b_body),
+                   "multi_kernel_0:triton_red_b,triton_per_b": [], "triton_poi_c": list(c_body)}
+        launches = ["buf0 = empty_strided_cuda((4, ), (1, ), torch.float32)",
+                    "triton_per_a.run(arg0_1, buf0, 4, stream=stream0)",
+                    "multi_kernel_0.run(buf0, buf1, 4, stream=stream0)",
+                    "triton_poi_c.run(buf1, buf0, buf2, 4, stream=stream0)"]
+        return pdl_races(generated_code(kernels, launches))
+    early_b1 = ["x = tl.load(in_ptr0)", wait, "y = tl.load(in_ptr1)", launch, "tl.store(out_ptr0, x + y)"]
+    assert races(early_b1) == ["triton_poi_c loads buf1 before it waits for triton_red_b or triton_per_b, which "
+                               "writes it"]
+    assert races(early_b1[1:2] + early_b1[:1] + early_b1[2:]) == []  # waits first
+    early_b0 = ["y = tl.load(in_ptr1)", wait, "x = tl.load(in_ptr0)", launch, "tl.store(out_ptr0, x + y)"]
+    assert races(early_b0) == []  # buf0 was written by triton_per_a, which the multi-kernel waited for
+    assert races(early_b1[1:2] + early_b1[:1] + early_b1[2:],
+                 b_body=("tl.store(out_ptr0, tl.load(in_ptr0))", launch)) == ["triton_red_b never waits",
+                                                                              "triton_per_b never waits"]
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
                          and HAVE_TRITON and dg.pdl_options()),
                     reason="programmatic dependent launch needs a Hopper or later GPU, Triton and inductor's option")
