@@ -343,7 +343,8 @@ class Attention(nn.Module):
         return [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj is not None else [])
 
     def project(self, x, cos, sin):
-        """x [B, T, H] -> q [B, heads, T, D], k, v [B, kv_heads, T, D]: normed per head, RoPE on q and k."""
+        """x [B, T, H] -> q [B, heads, T, D], k, v [B, kv_heads, T, D]: normed per head, RoPE on q and k. One compiled
+        row on a GPU with Triton (an AR token) is normed and rotated by our kernel, norm_rope_one_token."""
         B, T, _ = x.shape
         if one_compiled_row(x) and x.is_cuda and triton is not None and self.fused is not None:
             out = norm_rope_one_token(linear(x, self.fused), self.q_norm.weight, self.k_norm.weight, cos, sin,
@@ -354,7 +355,7 @@ class Attention(nn.Module):
         q = outs[0].view(B, T, self.heads, self.head_dim)
         k_raw = outs[1].view(B, T, self.kv_heads, self.head_dim)
         v_raw = outs[2].view(B, T, self.kv_heads, self.head_dim) if len(outs) == 3 else k_raw
-        # q contiguous per head: compiled, the norm/RoPE kernel writes it so, and forward's reshape is a view
+        # q contiguous per head: compiled, inductor's norm/RoPE kernel writes it so, and forward's reshape is a view
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2).contiguous()  # [B, heads, T, D]
         k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)          # [B, kv, T, D]
         v = rms_norm(v_raw, None, self.eps).transpose(1, 2)                   # weightless norm, no RoPE
