@@ -346,7 +346,7 @@ class Attention(nn.Module):
         """x [B, T, H] -> q [B, heads, T, D], k, v [B, kv_heads, T, D]: normed per head, RoPE on q and k. One compiled
         row on a GPU with Triton (an AR token) is normed and rotated by our kernel, norm_rope_one_token."""
         B, T, _ = x.shape
-        if one_compiled_row(x) and x.is_cuda and triton is not None and self.fused is not None:
+        if one_compiled_row(x) and self.fused is not None:
             out = norm_rope_one_token(linear(x, self.fused), self.q_norm.weight, self.k_norm.weight, cos, sin,
                                       self.heads, self.kv_heads, self.eps)
             q, k, v = out.split([self.heads, self.kv_heads, self.kv_heads])  # [heads or kv, D] each, one token
@@ -670,8 +670,10 @@ def linears_forward(x, linears, fused=None):
 
 
 def one_compiled_row(x):
-    """Whether x is one row (an AR token at batch 1) inside torch.compile, for inference."""
-    return x.numel() == x.shape[-1] and torch.compiler.is_compiling() and not torch.is_grad_enabled()
+    """Whether x is one row (an AR token at batch 1) inside torch.compile, for inference, on a GPU with Triton:
+    where our one-row kernels (gemv, norm_rope_one_token, route_one_token) take over from inductor's."""
+    return (x.numel() == x.shape[-1] and torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and x.is_cuda and triton is not None)
 
 
 def linear(x, weight):
@@ -679,7 +681,7 @@ def linear(x, weight):
     kernel (gemv), launched with programmatic dependent launch, in place of cuBLAS's GEMV (and its split-K
     reduction), which launches without it. q/k/v, o_proj and the dense MLP use it: on an H200 the AR token took
     0.975x its time with cuBLAS (README.md)."""
-    if one_compiled_row(x) and x.is_cuda and triton is not None:
+    if one_compiled_row(x):
         return gemv(x, weight)
     return F.linear(x, weight)
 
@@ -1275,7 +1277,7 @@ class Layer(nn.Module):
         """The experts' branch before its output norm, routed on the raw residual: x [B, T, H] -> [B, T, H].
         One compiled row on a GPU with Triton (an AR token) is routed and normed by our kernels, route_one_token."""
         flat = x.reshape(-1, x.shape[-1])
-        if one_compiled_row(flat) and flat.is_cuda and triton is not None:
+        if one_compiled_row(flat):
             r = self.router
             weights, ids, normed = route_one_token(flat, r.scale, r.proj.weight, r.per_expert_scale,
                                                    self.pre_feedforward_layernorm_2.weight, r.top_k, r.eps)
