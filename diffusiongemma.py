@@ -669,11 +669,27 @@ def linears_forward(x, linears, fused=None):
     return linear(x, fused).split([lin.out_features for lin in linears], -1)
 
 
+def compiled_on_gpu(x):
+    """Whether x is inside torch.compile, for inference, on a GPU with Triton: where kernels of ours may take over
+    from inductor's (one_compiled_row, routed_by_kernels)."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.is_cuda and triton is not None
+
+
+KERNEL_ROUTED_ROWS = 1024  # routed_by_kernels: the most rows routed by our kernels (a canvas or two)
+
+
+def routed_by_kernels(x):
+    """Whether the rows x [N, H] are routed by our kernels (route_rows, sort_pairs_by_kernel): compiled_on_gpu,
+    and at most KERNEL_ROUTED_ROWS of them (a denoising step's canvas; a commit's block and the next canvas). On an
+    H200 a denoising step took 0.984x its time with them; a prefill chunk's thousands of rows keep inductor's
+    kernels (a 4k prefill took 1.02x its time with ours; README.md)."""
+    return x.shape[0] <= KERNEL_ROUTED_ROWS and compiled_on_gpu(x)
+
+
 def one_compiled_row(x):
-    """Whether x is one row (an AR token at batch 1) inside torch.compile, for inference, on a GPU with Triton:
-    where our one-row kernels (gemv, norm_rope_one_token, route_one_token) take over from inductor's."""
-    return (x.numel() == x.shape[-1] and torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and x.is_cuda and triton is not None)
+    """Whether x is one row (an AR token at batch 1) and compiled_on_gpu: where our one-row kernels (gemv,
+    norm_rope_one_token, route_one_token) take over from inductor's."""
+    return x.numel() == x.shape[-1] and compiled_on_gpu(x)
 
 
 def linear(x, weight):
@@ -768,7 +784,10 @@ class Router(nn.Module):
     def forward(self, x):
         """x [N, H] -> weights [N, k] (fp32), expert ids [N, k]."""
         z = rms_norm(x, None, self.eps) * self.scale * x.shape[-1] ** -0.5
-        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)  # over all experts
+        logits = self.proj(z)
+        if routed_by_kernels(x):  # the rest by our kernel: one program per row (route_rows)
+            return route_rows(logits, self.per_expert_scale, self.top_k)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # over all experts
         # the top k by a sort of all E: compiled, one Triton kernel with the softmax (topk stays two aten kernels)
         weights, ids = probs.sort(dim=-1, descending=True)
         weights, ids = weights[:, :self.top_k], ids[:, :self.top_k]
@@ -789,7 +808,7 @@ def route_one_token(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, pe
     inductor's four kernels for an AR token (the router's norm, its product with the softmax and sort, the renorm,
     the experts' norm): on an H200 the token took 0.98x its time (README.md). On Hopper both launch with
     programmatic dependent launch: router_kernel reads its weights before it waits and lets top_k_kernel start;
-    the experts' kernel after them launches when top_k_kernel ends (launched early, its thousands of waiting
+    the experts' kernel after them launches as top_k_kernel retires (launched early, its thousands of waiting
     programs kept the dense MLP's stream off the SMs: 1.03x). A custom operator, so that compiled code launches
     the kernels as they are."""
     H, (E, _) = x.shape[-1], proj.shape
@@ -808,6 +827,28 @@ def route_one_token(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, pe
     top_k_kernel[(1,)](logits, per_expert_scale, weights, ids, E, top_k, BLOCK_E=triton.next_power_of_2(E), PDL=pdl,
                        launch_pdl=pdl)
     return weights, ids, normed
+
+
+@torch.library.custom_op("diffusiongemma::route_rows", mutates_args=())
+def route_rows(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router.forward after its product, for the rows of a compiled pass on a GPU: logits [N, E] -> weights [N, k]
+    (fp32), expert ids [N, k] (int64), by top_k_kernel with one program per row (the softmax, the top k by rank
+    with the lowest id first among equal probabilities, as a stable sort orders them, the renormalised weights).
+    It replaces inductor's sort of all E probabilities per row (compiled with the softmax: 16 us per layer of a
+    denoising step on an H200; README.md)."""
+    N, E = logits.shape
+    weights = torch.empty(N, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(N, top_k, dtype=torch.int64, device=logits.device)
+    pdl = pdl_launch(logits.device)
+    top_k_kernel[(N,)](logits.contiguous(), per_expert_scale, weights, ids, E, top_k,
+                       BLOCK_E=triton.next_power_of_2(E), PDL=pdl, launch_pdl=pdl)
+    return weights, ids
+
+
+@route_rows.register_fake
+def _route_rows_shape(logits, per_expert_scale, top_k):
+    N = logits.shape[0]
+    return logits.new_empty(N, top_k, dtype=torch.float32), logits.new_empty(N, top_k, dtype=torch.int64)
 
 
 @route_one_token.register_fake
@@ -860,12 +901,13 @@ if triton is not None:
     @triton.jit
     def top_k_kernel(logits_ptr, expert_scale_ptr, weights_ptr, ids_ptr, E, K, BLOCK_E: tl.constexpr,
                      PDL: tl.constexpr):
-        """The E logits -> the top K experts' ids, most probable first, and their weights: softmax, the top K
-        renormalised to sum to 1, times expert_scale."""
+        """Program n: row n's E logits -> the top K experts' ids, most probable first, and their weights:
+        softmax, the top K renormalised to sum to 1, times expert_scale. logits [N, E]; weights, ids [N, K]."""
+        n = tl.program_id(0)
         if PDL:
             tl.extra.cuda.gdc_wait()
         a = tl.arange(0, BLOCK_E)
-        logits = tl.load(logits_ptr + a, mask=a < E, other=float("-inf"))
+        logits = tl.load(logits_ptr + n * E + a, mask=a < E, other=float("-inf")).to(tl.float32)
         probs = tl.exp(logits - tl.max(logits, axis=0))
         probs = probs / tl.sum(probs, axis=0)                                    # [BLOCK_E], 0 past E
         # each expert's rank: how many come before it (a larger probability, or an equal one and a lower id)
@@ -874,8 +916,10 @@ if triton is not None:
         top = (rank < K) & (a < E)
         total = tl.sum(tl.where(top, probs, 0.0), axis=0)
         scale = tl.load(expert_scale_ptr + a, mask=top, other=0.0).to(tl.float32)
-        tl.store(weights_ptr + rank, probs / total * scale, mask=top)
-        tl.store(ids_ptr + rank, a.to(tl.int64), mask=top)
+        tl.store(weights_ptr + n * K + rank, probs / total * scale, mask=top)
+        tl.store(ids_ptr + n * K + rank, a.to(tl.int64), mask=top)
+        if PDL:  # the kernel after this one may launch as it retires (it still waits for these writes)
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 FP8 = torch.float8_e4m3fn
@@ -1058,7 +1102,7 @@ class Experts(nn.Module):
     def forward_grouped(self, x, weights, ids):
         N, k = ids.shape
         E = self.gate_up_proj.shape[0]
-        order, offsets = sort_pairs(ids.reshape(-1), E)
+        order, offsets = sort_pairs(ids.reshape(-1), E, kernel=routed_by_kernels(x))
         token = order // k                                           # the token of each sorted pair
         # under autocast (training) the GEMMs run in the autocast dtype, like nn.Linear does
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -1181,19 +1225,67 @@ if triton is not None:
         tl.store(out_ptr + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)
 
 
-def sort_pairs(expert, E: int):
+def sort_pairs(expert, E: int, kernel=False):
     """A stable counting sort of the (token, slot) pairs by expert, on the device, with no host synchronisation.
     expert [P] (pair j = token j // k, slot j % k) -> order [P] (the pair at each sorted row) and offsets [E]
     int32 (the end row of each expert's group, for grouped_mm).
     Compiled, it is a few Triton kernels: 7.8 us at 256 tokens on an H100, where sorting the keys (aten's radix
     sort, then searchsorted and a scatter) took 23.2 us. Run eagerly (an uncompiled prefill chunk) it is the slower
-    one at 2,048 tokens (236 against 149 us)."""
+    one at 2,048 tokens (236 against 149 us). kernel=True (routed_by_kernels): one kernel of ours instead,
+    sort_pairs_by_kernel."""
+    if kernel:
+        return sort_pairs_by_kernel(expert, E)
     hot = expert[None, :] == torch.arange(E, device=expert.device)[:, None]   # [E, P]: pair j chose expert e
     counts = hot.sum(1)                                                       # [E]
     ends = counts.cumsum(0)                                                   # [E]
     earlier = (hot.cumsum(1) * hot).sum(0) - 1                                # [P]: earlier pairs of the same expert
     row = (ends - counts)[expert] + earlier                                   # [P]: each pair's sorted row
     return invert_permutation(row), ends.to(torch.int32)
+
+
+SORT_BLOCK = 4096  # sort_pairs_by_kernel: pairs per step of a program's loops
+
+
+@torch.library.custom_op("diffusiongemma::sort_pairs_by_kernel", mutates_args=())
+def sort_pairs_by_kernel(expert: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sort_pairs as one Triton kernel, sort_pairs_kernel, with a program per expert: each counts the pairs of
+    the experts before its own (where its group starts), then writes its own pairs' indices, in order, at the
+    rows that follow. expert [P] -> order [P] (int64), ends [E] (int32)."""
+    P = expert.shape[0]
+    order = torch.empty(P, dtype=torch.int64, device=expert.device)
+    ends = torch.empty(E, dtype=torch.int32, device=expert.device)
+    pdl = pdl_launch(expert.device)
+    sort_pairs_kernel[(E,)](expert.contiguous(), order, ends, P, E, BLOCK=min(SORT_BLOCK, triton.next_power_of_2(P)),
+                            PDL=pdl, launch_pdl=pdl)
+    return order, ends
+
+
+@sort_pairs_by_kernel.register_fake
+def _sort_pairs_by_kernel_shape(expert, E):
+    return torch.empty_like(expert, dtype=torch.int64), expert.new_empty(E, dtype=torch.int32)
+
+
+if triton is not None:
+    @triton.jit
+    def sort_pairs_kernel(expert_ptr, order_ptr, ends_ptr, P, E, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """Program e: start = how many of the P pairs chose an expert below e; then order[start + i] = the index of
+        the i-th pair (in pair order) that chose e, and ends[e] = start + their count. expert [P]."""
+        e = tl.program_id(0)
+        j = tl.arange(0, BLOCK)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        row = tl.sum(tl.zeros((BLOCK,), dtype=tl.int32), axis=0)  # (an int32 scalar, as the loops' sums)
+        for p0 in range(0, P, BLOCK):
+            x = tl.load(expert_ptr + p0 + j, mask=p0 + j < P, other=E)
+            row += tl.sum((x < e).to(tl.int32), axis=0)
+        for p0 in range(0, P, BLOCK):
+            x = tl.load(expert_ptr + p0 + j, mask=p0 + j < P, other=E)
+            hot = (x == e).to(tl.int32)
+            tl.store(order_ptr + row + tl.cumsum(hot, axis=0) - 1, (p0 + j).to(tl.int64), mask=hot > 0)
+            row += tl.sum(hot, axis=0)
+        tl.store(ends_ptr + e, row)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 @torch.library.custom_op("diffusiongemma::invert_permutation", mutates_args=())

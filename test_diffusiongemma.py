@@ -480,6 +480,39 @@ def test_router_kernel_matches_router_in_triton_interpreter():
     assert len(errors) == 18 and max(errors) < 1e-5, errors
 
 
+ROUTE_ROWS_CHECK = """
+import torch, torch.nn.functional as F, diffusiongemma as dg
+g = torch.Generator().manual_seed(0)
+for N, E, k in ((5, 12, 3), (40, 128, 8)):  # E not a power of 2; the 26B router's shape
+    logits = torch.randn(N, E, generator=g) * 2
+    logits[::2, E // 2] = logits[::2, 1]  # ties, some in the top k: the lower id comes first
+    logits[1::3, 3] = logits[1::3].max(1).values
+    scale = torch.rand(E, generator=g) + 0.5
+    probs = F.softmax(logits, dim=-1)
+    top, ids = probs.sort(dim=-1, descending=True, stable=True)
+    w = top[:, :k] / top[:, :k].sum(-1, keepdim=True) * scale[ids[:, :k]]
+    got_w, got_ids = dg.route_rows(logits, scale, k)
+    print(float(not torch.equal(got_ids, ids[:, :k])), ((got_w - w).abs().max() / w.abs().max()).item())
+for block, (E, P) in ((16, (8, 50)), (4096, (128, 2048)), (512, (128, 4352)), (16, (4, 1))):
+    dg.SORT_BLOCK = block  # pairs per loop step: one step, several, and a last one part full
+    expert = torch.randint(0, E // 2 + 1, (P,), generator=g) * 2 % E  # odd experts get nothing
+    order, ends = dg.sort_pairs_by_kernel(expert, E)
+    print(float(not torch.equal(order, torch.sort(expert, stable=True).indices)),
+          float(not torch.equal(ends, torch.bincount(expert, minlength=E).cumsum(0).to(torch.int32))))
+"""
+
+
+@needs_triton_interpreter
+def test_routing_kernels_for_rows_match_in_triton_interpreter():
+    """The routing of a compiled pass's rows by our kernels, run by Triton's CPU interpreter: route_rows (one
+    program per row) gives the softmax's top k in the order of a stable sort (the lower id first where
+    probabilities tie) and their renormalised, scaled weights; sort_pairs_by_kernel (one program per expert) the
+    pairs in the order of a stable sort by expert and each expert's end row, experts without pairs included, over
+    one step of its loops, several, and a last one part full."""
+    errors = interpreted(ROUTE_ROWS_CHECK)
+    assert len(errors) == 12 and max(errors) < 1e-6, errors
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
 def test_router_kernel_matches_router_on_gpu():
     """On the GPU at the 26B router's shape (128 experts, top 8, 2,816 wide): in fp32 route_one_token gives
@@ -516,6 +549,45 @@ def test_router_kernel_matches_router_on_gpu():
         torch._dynamo.reset()
         _, codes = run_and_get_code(torch.compile(layer.moe, dynamic=False), x[None, :1])
         assert any("route_one_token" in code for code in codes)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton")
+def test_routing_kernels_for_rows_match_on_gpu():
+    """On the GPU at the 26B router's shape and a canvas's 256 rows: in fp32 route_rows gives Router.forward's ids
+    in order and its weights, and sort_pairs_by_kernel a stable sort's order; in bf16, whose rounded logits tie
+    now and then, the same set of experts for nearly every row; compiled, Layer.moe takes both kernels for a
+    canvas and leaves a prefill chunk's 2,048 rows to inductor's."""
+    from torch._inductor.utils import run_and_get_code
+    cfg = Config.preset("26b-a4b")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.device("cuda"), torch.no_grad():
+        layer = dg.Layer(cfg, 0)
+        layer.router.proj.weight.normal_(0, 0.02, generator=g)
+        for p in (layer.router.scale, layer.router.per_expert_scale):
+            p.uniform_(0.5, 1.5, generator=g)
+        r = layer.router
+        for dtype in (torch.float32, torch.bfloat16):
+            layer.to(dtype)
+            x = torch.randn(256, cfg.hidden_size, device="cuda", generator=g, dtype=dtype) * 5
+            w, ids = r(x)
+            z = dg.rms_norm(x, None, r.eps) * r.scale * x.shape[-1] ** -0.5
+            got_w, got_ids = dg.route_rows(r.proj(z), r.per_expert_scale, r.top_k)
+            if dtype == torch.float32:
+                assert torch.equal(got_ids, ids)
+                assert ((got_w - w).abs().max() / w.abs().max()).item() < 1e-5
+            else:
+                same = (got_ids.sort(-1).values == ids.sort(-1).values).all(-1).float().mean().item()
+                assert same >= 0.95, same
+            order, ends = dg.sort_pairs_by_kernel(got_ids.reshape(-1), cfg.num_experts)
+            assert torch.equal(order, torch.sort(got_ids.reshape(-1), stable=True).indices)
+            assert torch.equal(ends, torch.bincount(got_ids.reshape(-1), minlength=cfg.num_experts).cumsum(0).int())
+        layer.experts.impl, layer.experts.few_rows_kernel = "grouped", True  # as FastPath sets them
+        for rows, ours in ((256, True), (2048, False)):
+            torch._dynamo.reset()
+            x = torch.randn(1, rows, cfg.hidden_size, device="cuda", generator=g, dtype=torch.bfloat16)
+            _, codes = run_and_get_code(torch.compile(layer.moe, dynamic=False), x)
+            assert any("route_rows" in code for code in codes) == ours
+            assert any("sort_pairs_by_kernel" in code for code in codes) == ours
 
 
 SOFTMAX_ROWS_CHECK = """
