@@ -829,6 +829,12 @@ def route_one_token(x: torch.Tensor, scale: torch.Tensor, proj: torch.Tensor, pe
     return weights, ids, normed
 
 
+@route_one_token.register_fake
+def _route_one_token_shape(x, scale, proj, per_expert_scale, norm, top_k, eps):
+    return (x.new_empty(1, top_k, dtype=torch.float32), x.new_empty(1, top_k, dtype=torch.int64),
+            torch.empty_like(x))
+
+
 @torch.library.custom_op("diffusiongemma::route_rows", mutates_args=())
 def route_rows(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Router.forward after its product, for the rows of a compiled pass on a GPU: logits [N, E] -> weights [N, k]
@@ -849,12 +855,6 @@ def route_rows(logits: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int)
 def _route_rows_shape(logits, per_expert_scale, top_k):
     N = logits.shape[0]
     return logits.new_empty(N, top_k, dtype=torch.float32), logits.new_empty(N, top_k, dtype=torch.int64)
-
-
-@route_one_token.register_fake
-def _route_one_token_shape(x, scale, proj, per_expert_scale, norm, top_k, eps):
-    return (x.new_empty(1, top_k, dtype=torch.float32), x.new_empty(1, top_k, dtype=torch.int64),
-            torch.empty_like(x))
 
 
 if triton is not None:
@@ -2566,7 +2566,8 @@ class FastPath:
         router by our kernel (route_one_token) and its other linears by our GEMV kernel (linear, gemv);
       * on an Ampere or later GPU, Triton kernels of ours: the experts' grouped GEMMs (grouped_mm_few_rows), an
         AR token's experts (one_token_experts) and attention (attend_decode), a prefill chunk's full-layer softmax
-        (masked_softmax_rows); and a prefill chunk's sliding layers by compiled flex attention (block_mask);
+        (masked_softmax_rows), compiled, a canvas's routing (routed_by_kernels); and a prefill chunk's sliding layers
+        by compiled flex attention (block_mask);
       * on a Hopper or later GPU, programmatic dependent launch for the compiled kernels (pdl_options) and the AR
         token's attention kernels (pdl_launch): each may start while the kernel before it finishes (the counting
         sort's scatter is a custom operator so that the kernel after it waits: invert_permutation);
